@@ -1,0 +1,33 @@
+# The commands the README names. `make demo` and `make test` create .venv when it is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.vlcl-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## the main job on the built-in default: fine-tune over the 5-task digits stream, tracked in ./mlflow.db
+demo: venv
+	$(VENV)/bin/vlcl run
+
+## the whole test suite (unit tests, end-to-end Ray runs on CPU, browser test when Chromium is there)
+test: venv
+	$(VENV)/bin/pytest -q
+
+## unit tests only (no Ray, no browser)
+test-fast: venv
+	$(VENV)/bin/pytest -q -m "not ray and not slow and not browser"
+
+bench: venv
+	$(PY) bench/sweep_efficiency.py
+
+clean:
+	rm -rf vlcl_runs mlruns mlflow.db
