@@ -1,0 +1,130 @@
+"""`vlcl streams build ...` and `vlcl streams check MANIFEST`.
+
+Registered by the main CLI through `add_streams_commands(subparsers)`. Heavy imports (PIL,
+sklearn, webdataset) happen inside the handlers so `vlcl --help` stays fast. Each handler returns
+the process exit code.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_streams_commands(subparsers) -> argparse.ArgumentParser:
+    streams = subparsers.add_parser("streams", help="build and check streams (tasks as webdataset shards)")
+    commands = streams.add_subparsers(dest="streams_command", required=True)
+
+    build = commands.add_parser("build", help="write a stream's shards and manifest")
+    sources = build.add_subparsers(dest="source", required=True)
+
+    digits = sources.add_parser("digits", help="the built-in digits stream (scikit-learn, no download)")
+    digits.add_argument("--data-root", help="where built-in streams live (default $VLCL_DATA_DIR or ~/.cache/vlcl)")
+    digits.set_defaults(func=run_build_digits)
+
+    def common(parser):
+        parser.add_argument("--out", required=True, help="folder for the shards and manifest.yaml")
+        parser.add_argument("--name", help="stream name (default: from the source)")
+        parser.add_argument("--template", action="append", dest="templates",
+                            help="prompt template with {} (repeat for several; default 'a photo of a {}.')")
+        parser.add_argument("--eval-fraction", type=float, default=0.2, help="share of samples for eval (default 0.2)")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the key hash that splits train/eval")
+        parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+        parser.add_argument("--overwrite", action="store_true", help="replace a stream already in --out")
+
+    folder = sources.add_parser("imagefolder", help="ROOT/<class>/<image>, classes cut into tasks in sorted order")
+    folder.add_argument("root")
+    common(folder)
+    folder.add_argument("--classes-per-task", type=int, help="classes per task (default: all in one task)")
+    folder.add_argument("--eval-classifier", choices=["task", "stream"], default="stream",
+                        help="zero-shot over the task's classes or all classes of the stream (default stream)")
+    folder.set_defaults(func=run_build_imagefolder)
+
+    table = sources.add_parser("table", help="CSV or JSONL of image path, caption[, label][, task]")
+    table.add_argument("table")
+    common(table)
+    for column, default in (("image", "image"), ("caption", "caption"), ("label", "label"), ("task", "task")):
+        table.add_argument(f"--{column}-column", default=default, help=f"column name (default {default})")
+    table.add_argument("--eval-classifier", choices=["task", "stream"], default="task")
+    table.set_defaults(func=run_build_table)
+
+    shards = sources.add_parser("img2dataset", help="existing img2dataset shards, one --task per task")
+    common(shards)
+    shards.add_argument("--task", action="append", nargs="+", required=True, metavar="NAME TRAIN [EVAL]",
+                        help="task name, train shard pattern and optionally eval shard pattern "
+                             "(without it the samples are re-split by key hash)")
+    shards.add_argument("--classes", action="append", metavar="TASK=a,b,c", default=[],
+                        help="class names of a task whose samples carry only integer labels")
+    shards.add_argument("--copy", action="store_true", help="copy the given shards instead of pointing at them")
+    shards.add_argument("--eval-classifier", choices=["task", "stream"], default="task")
+    shards.set_defaults(func=run_build_img2dataset)
+
+    check = commands.add_parser("check", help="read every shard; print a summary and each problem (exit 1 if any)")
+    check.add_argument("manifest", help="manifest YAML path or builtin:<name>")
+    check.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
+    check.add_argument("--data-root", help="where built-in streams live")
+    check.set_defaults(func=run_check)
+    return streams
+
+
+def run_build_digits(args) -> int:
+    from streams.builtin import materialize_builtin
+
+    print(materialize_builtin("digits", args.data_root))
+    return 0
+
+
+def run_build_imagefolder(args) -> int:
+    from streams.converters import from_image_folder
+
+    print(from_image_folder(args.root, args.out, name=args.name, classes_per_task=args.classes_per_task,
+                            templates=args.templates, eval_fraction=args.eval_fraction, seed=args.seed,
+                            eval_classifier=args.eval_classifier, max_samples_per_shard=args.shard_size,
+                            overwrite=args.overwrite))
+    return 0
+
+
+def run_build_table(args) -> int:
+    from streams.converters import from_table
+
+    print(from_table(args.table, args.out, name=args.name, image_column=args.image_column,
+                     caption_column=args.caption_column, label_column=args.label_column,
+                     task_column=args.task_column, templates=args.templates, eval_fraction=args.eval_fraction,
+                     seed=args.seed, eval_classifier=args.eval_classifier, max_samples_per_shard=args.shard_size,
+                     overwrite=args.overwrite))
+    return 0
+
+
+def parse_task_arguments(values: list[list[str]], class_lists: list[str]):
+    from streams.errors import SourceError
+
+    tasks = []
+    for value in values:
+        if len(value) not in (2, 3):
+            raise SourceError(f"--task takes NAME TRAIN [EVAL], got {value}")
+        tasks.append((value[0], value[1], value[2] if len(value) == 3 else None))
+    classes = {}
+    for item in class_lists:
+        task, sep, names = item.partition("=")
+        if not sep or not names:
+            raise SourceError(f"--classes takes TASK=a,b,c, got {item!r}")
+        classes[task] = [n.strip() for n in names.split(",")]
+    return tasks, classes
+
+
+def run_build_img2dataset(args) -> int:
+    from streams.converters import from_img2dataset
+
+    tasks, classes = parse_task_arguments(args.task, args.classes)
+    print(from_img2dataset(tasks, args.out, name=args.name or "img2dataset", classes=classes,
+                           templates=args.templates, eval_fraction=args.eval_fraction, seed=args.seed,
+                           copy=args.copy, eval_classifier=args.eval_classifier,
+                           max_samples_per_shard=args.shard_size, overwrite=args.overwrite))
+    return 0
+
+
+def run_check(args) -> int:
+    from streams.check import check_stream
+    from streams.manifest import load_stream
+
+    report = check_stream(load_stream(args.manifest, args.data_root), decode_images=not args.no_decode)
+    print("\n".join(report.summary_lines()))
+    return 0 if report.ok else 1
