@@ -1,0 +1,184 @@
+"""The continual-method interface every method implements, and the task loss they share.
+
+A method wraps an open_clip model and owns everything it keeps across tasks. The training loop
+that drives it (vlcl's Ray Train loop, or anyone's plain PyTorch loop) calls, per task:
+
+    method.before_task(task)
+    for batch in task_batches:
+        losses = method.training_loss(batch)   # {"loss": total, "<term>": ..., ...}
+        losses["loss"].backward(); optimizer.step(); optimizer.zero_grad()
+        method.after_step()
+    method.after_task(task, batches_of_the_task)
+    evaluate(method.eval_model())
+
+The loop owns backward, the optimizer, AMP and gradient averaging; the method only returns named
+loss tensors, so every term can be logged and a new term needs no change to the loop.
+
+A batch is a dict: `image` (B,3,H,W) normalised float, `pixels` (B,3,H,W) uint8 (the same images
+before normalisation, for methods that store samples), `text` (B,L) token ids, `label` (B,) int64
+(-1 where a sample has no label).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from methods.losses import clip_contrastive_loss
+from methods.models import normalize_pixels
+
+Batch = dict[str, torch.Tensor]
+BatchSource = Callable[[], Iterator[Batch]]
+
+
+class HparamError(ValueError):
+    """Hyperparameters that do not validate; the message names the method and each bad field."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a method may know about the task it is about to learn."""
+
+    index: int
+    name: str
+    kind: Literal["classification", "retrieval"]
+    num_tasks: int
+    class_names: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
+    steps: int = 0  # optimizer steps planned for this task (0 = unknown)
+    extra: dict = field(default_factory=dict)
+
+
+class MethodHparams(BaseModel):
+    """Hyperparameters every method has: how the current task itself is learned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_loss: Literal["auto", "contrastive", "class_prompts"] = Field(
+        "auto", description="auto: class_prompts for classification tasks, contrastive for retrieval tasks")
+    label_smoothing: float = Field(0.2, ge=0.0, lt=1.0, description="label smoothing of the class-prompt CE (ZSCL MTIL: 0.2)")
+
+
+class ContinualMethod:
+    """Base of all methods. Subclasses set `name`, `Hparams`, a one-line `summary`, and override hooks."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Hparams: ClassVar[type[MethodHparams]] = MethodHparams
+
+    def __init__(self, model: nn.Module, tokenizer, hparams: MethodHparams | dict | None = None, **overrides: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hparams = self.validate_hparams({**(dict(hparams) if hparams else {}), **overrides})
+        self.task: TaskInfo | None = None
+        self._class_prompt_tokens: torch.Tensor | None = None
+
+    # ---- hyperparameters -------------------------------------------------------------------
+    @classmethod
+    def validate_hparams(cls, values: dict | MethodHparams) -> MethodHparams:
+        if isinstance(values, cls.Hparams):
+            return values
+        try:
+            return cls.Hparams(**dict(values))
+        except ValidationError as err:
+            problems = "; ".join(
+                f"method.hparams.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+            known = ", ".join(cls.Hparams.model_fields)
+            raise HparamError(f"{cls.name}: {problems} (known fields: {known})") from None
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def before_task(self, task: TaskInfo) -> None:
+        self.task = task
+        self._class_prompt_tokens = None
+        if task.kind == "classification" and task.class_names:
+            template = task.templates[0] if task.templates else "{}"
+            prompts = [fill_template(template, c) for c in task.class_names]
+            self._class_prompt_tokens = self.tokenizer(prompts)
+
+    def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        loss = self.task_loss(batch)
+        return {"loss": loss, "task": loss}
+
+    def after_step(self) -> None:
+        pass
+
+    def after_task(self, task: TaskInfo, batches: BatchSource | None = None) -> None:
+        pass
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the logit scale/bias, which stay frozen as in ZSCL."""
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and n not in ("logit_scale", "logit_bias")]
+
+    def state_dict(self) -> dict:
+        """Everything the method keeps across tasks besides `self.model` (the loop saves that)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ---- shared pieces ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def resolved_task_loss(self) -> str:
+        mode = self.hparams.task_loss
+        if mode == "auto":
+            return "class_prompts" if self._class_prompt_tokens is not None else "contrastive"
+        if mode == "class_prompts" and self._class_prompt_tokens is None:
+            raise HparamError(f"{self.name}: task_loss=class_prompts needs a classification task with class names "
+                              f"(task {self.task.name if self.task else '?'} has none)")
+        return mode
+
+    def task_loss(self, batch: Batch, model: nn.Module | None = None, image_features: torch.Tensor | None = None,
+                  text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """The current task's own objective: CE over the task's class prompts, or CLIP's contrastive loss.
+
+        Methods that already encoded the batch (normalised, with grad) pass `image_features` /
+        `text_features` so the batch is not encoded twice.
+        """
+        model = model or self.model
+        if image_features is None:
+            image_features = model.encode_image(batch["image"], normalize=True)
+        if self.resolved_task_loss() == "class_prompts":
+            class_text = model.encode_text(self._class_prompt_tokens.to(batch["image"].device), normalize=True)
+            logits = self.logit_scale * image_features @ class_text.t()
+            return F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        if text_features is None:
+            text_features = model.encode_text(batch["text"], normalize=True)
+        return clip_contrastive_loss(image_features, text_features, self.logit_scale)
+
+
+def fill_template(template: str, class_name: str) -> str:
+    return template.format(class_name) if "{}" in template else template.replace("{c}", class_name)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with gradients off: a teacher that cannot drift."""
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def batch_from_pixels(pixels: torch.Tensor, text: torch.Tensor, label: torch.Tensor, mean, std) -> Batch:
+    """Rebuild a training batch from stored uint8 pixels (replay memories)."""
+    return {"image": normalize_pixels(pixels, mean, std), "pixels": pixels, "text": text, "label": label}
+
+
+def iterate(batches: BatchSource | Iterable[Batch] | None) -> Iterator[Batch]:
+    if batches is None:
+        return iter(())
+    return batches() if callable(batches) else iter(batches)

@@ -1,0 +1,77 @@
+"""WE, weight ensemble (ZSCL §2.3-7 / spec §3.7): fine-tune, and every `avg_freq` optimizer steps
+fold the current weights into a running uniform average θ̂ that starts at the task-start weights.
+
+Code-faithful schedule: the average is updated after the optimizer step whose 0-based index i
+satisfies `i % avg_freq == 0` (steps 1, 101, 201, ... counted from 1), so with 1001 steps and
+avg_freq 100 θ̂ is the uniform mean of {θ_start, θ_1, θ_101, ..., θ_1001}. Training continues on
+the raw weights; at task end the model is overwritten with θ̂, which is the task's output and the
+next task's start. Per worker: replicas hold identical weights, so the average needs no
+communication.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from methods.base import ContinualMethod, MethodHparams, TaskInfo
+from methods.method_state import load_task_state, task_state, tensors_to
+from methods.weights import load_parameters_, running_average_, snapshot
+
+
+class WEHparams(MethodHparams):
+    avg_freq: int = Field(100, ge=1, description="fold the weights into the running average every this many optimizer steps (ZSCL: 100)")
+
+
+class WeightAverager:
+    """The running weight average shared by WE and ZSCL: θ̂ starts at θ_start (count 1)."""
+
+    def __init__(self, avg_freq: int):
+        self.avg_freq = avg_freq
+        self.average: dict | None = None
+        self.count = 0
+        self.steps = 0
+
+    def start(self, model) -> None:
+        self.average, self.count, self.steps = snapshot(model), 1, 0
+
+    def after_step(self, model) -> None:
+        if self.steps % self.avg_freq == 0:
+            running_average_(self.average, model, self.count)
+            self.count += 1
+        self.steps += 1
+
+    def finish(self, model) -> None:
+        load_parameters_(model, self.average)
+
+    def state_dict(self) -> dict:
+        return {"average": self.average, "count": self.count, "steps": self.steps}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.average = tensors_to(state["average"], device)
+        self.count, self.steps = int(state["count"]), int(state["steps"])
+
+
+class WeightEnsemble(ContinualMethod):
+    name = "we"
+    summary = "Fine-tuning whose task output is the running average of weights sampled every avg_freq steps."
+    Hparams = WEHparams
+
+    def __init__(self, model, tokenizer, hparams=None, **overrides):
+        super().__init__(model, tokenizer, hparams, **overrides)
+        self.averager = WeightAverager(self.hparams.avg_freq)
+
+    def before_task(self, task: TaskInfo) -> None:
+        super().before_task(task)
+        self.averager.start(self.model)
+
+    def after_step(self) -> None:
+        self.averager.after_step(self.model)
+
+    def after_task(self, task: TaskInfo, batches=None) -> None:
+        self.averager.finish(self.model)
+
+    def state_dict(self) -> dict:
+        return {**task_state(self), "averager": self.averager.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_task_state(self, state)
+        self.averager.load_state_dict(state["averager"], self.device)

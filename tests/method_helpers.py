@@ -1,0 +1,107 @@
+"""Tiny models, tasks and batches for the method tests (vlcl-tiny, 32px, sklearn digits)."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import TaskInfo
+from methods.models import build_model
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TEMPLATE = "a photo of the number {}."
+
+
+@functools.lru_cache(maxsize=1)
+def _built():
+    torch.manual_seed(0)
+    return build_model("vlcl-tiny")
+
+
+def tiny_clip():
+    """A fresh copy of one seeded vlcl-tiny model and its tokenizer."""
+    built = _built()
+    return copy.deepcopy(built.model), built.tokenizer
+
+
+def classification_task(index: int, classes: tuple[int, ...], num_tasks: int = 2, steps: int = 0) -> TaskInfo:
+    return TaskInfo(index=index, name=f"digits_{index}", kind="classification", num_tasks=num_tasks,
+                    class_names=tuple(DIGIT_NAMES[c] for c in classes), templates=(TEMPLATE,), steps=steps)
+
+
+def retrieval_task(index: int = 0) -> TaskInfo:
+    return TaskInfo(index=index, name=f"captions_{index}", kind="retrieval", num_tasks=2)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32) / 16.0          # (N, 8, 8) in [0, 1]
+    images = F.interpolate(images[:, None], size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    return (images - 0.5) / 0.25, torch.tensor(data.target), (images * 255).round().to(torch.uint8)
+
+
+def digit_batches(tokenizer, classes: tuple[int, ...], batch_size: int, count: int, seed: int = 0):
+    """`count` batches of the digits in `classes`; labels are indices into `classes`. `pixels` holds
+    the uint8 images `image` was normalised from (replay methods store them)."""
+    images, targets, pixels = _digits()
+    keep = torch.isin(targets, torch.tensor(classes))
+    images, targets, pixels = images[keep], targets[keep], pixels[keep]
+    local = torch.tensor([classes.index(int(t)) for t in targets])
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        pick = torch.randperm(len(images), generator=generator)[:batch_size]
+        captions = [TEMPLATE.format(DIGIT_NAMES[int(targets[i])]) for i in pick]
+        batches.append({"image": images[pick].contiguous(), "pixels": pixels[pick].contiguous(),
+                        "text": tokenizer(captions), "label": local[pick]})
+    return batches
+
+
+def random_batch(tokenizer, batch_size: int = 6, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    words = ["cat", "dog", "car", "tree", "house", "boat", "bird", "fish", "lamp", "road"]
+    captions = [f"a photo of a {words[i % len(words)]} number {i}" for i in range(batch_size)]
+    return {"image": torch.randn(batch_size, 3, 32, 32, generator=generator), "text": tokenizer(captions),
+            "label": torch.arange(batch_size) % 3}
+
+
+def reference_data(tokenizer, images: int = 8, seed: int = 1):
+    """Reference images (noise, not training data) and captions for ZSCL."""
+    generator = torch.Generator().manual_seed(seed)
+    texts = ["a street at night", "a bowl of fruit", "two people walking", "a red car", "a snowy mountain",
+             "a plate of food", "a small dog", "an old building"]
+    return torch.randn(images, 3, 32, 32, generator=generator), tokenizer(texts)
+
+
+def provide_injected_data(method, tokenizer) -> None:
+    """Give a method the data it needs injected (reference sets), if it has such a hook."""
+    if hasattr(method, "set_reference_data"):
+        images, texts = reference_data(tokenizer)
+        method.set_reference_data(images, texts)
+
+
+def prototype_batches(tokenizer, classes: tuple[int, ...], batch_size: int, count: int, seed: int = 0):
+    """Random images: a fixed noise prototype per class plus per-sample noise. A from-scratch tiny
+    ViT separates these within a few steps, unlike digits, so a short loop shows learning."""
+    prototypes = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(100))
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        labels = torch.randint(len(classes), (batch_size,), generator=generator)
+        images = prototypes[torch.tensor(classes)[labels]] + 0.5 * torch.randn(batch_size, 3, 32, 32, generator=generator)
+        captions = [TEMPLATE.format(DIGIT_NAMES[classes[int(c)]]) for c in labels]
+        batches.append({"image": images, "text": tokenizer(captions), "label": labels})
+    return batches
+
+
+def free_port() -> int:
+    """A free localhost TCP port for a test's process group rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,132 @@
+"""WiSE-FT, WE and WC against hand computations on a two-parameter model."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from method_helpers import classification_task, digit_batches, tiny_clip
+from methods.base import TaskInfo
+from methods.we import WeightEnsemble
+from methods.wc import WeightConsolidation
+from methods.wise_ft import WiSEFT
+
+TASK = TaskInfo(index=0, name="t0", kind="retrieval", num_tasks=2)
+
+
+class TwoWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, 2.0]))
+        self.b = nn.Parameter(torch.tensor(-1.0))
+
+
+def set_weights(model: TwoWeights, w, b) -> None:
+    with torch.no_grad():
+        model.w.copy_(torch.tensor(w))
+        model.b.fill_(b)
+
+
+def through_disk(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_wise_ft_interpolates_end_weights_with_task_start_at_alpha():
+    model = TwoWeights()
+    method = WiSEFT(model, tokenizer=None)
+    method.before_task(TASK)
+    set_weights(model, [3.0, -2.0], 4.0)
+    method.after_task(TASK)
+    assert torch.allclose(model.w, torch.tensor([0.8 * 3 + 0.2 * 1, 0.8 * -2 + 0.2 * 2]))
+    assert torch.allclose(model.b, torch.tensor(0.8 * 4 + 0.2 * -1))
+
+
+def test_wise_ft_zeroshot_anchor_uses_initial_weights_on_later_tasks():
+    model = TwoWeights()
+    method = WiSEFT(model, tokenizer=None, alpha=0.5, anchor="zeroshot")
+    method.before_task(TASK)
+    set_weights(model, [5.0, 6.0], 1.0)
+    method.after_task(TASK)                         # (3, 4, 0)
+    method.before_task(TaskInfo(index=1, name="t1", kind="retrieval", num_tasks=2))
+    set_weights(model, [9.0, 10.0], 3.0)
+    method.after_task(TASK)
+    assert torch.allclose(model.w, torch.tensor([5.0, 6.0]))   # 0.5 * (9, 10) + 0.5 * (1, 2)
+    assert torch.allclose(model.b, torch.tensor(1.0))
+
+
+def test_we_average_after_three_updates_is_uniform_over_start_and_samples():
+    model = TwoWeights()
+    method = WeightEnsemble(model, tokenizer=None, avg_freq=1)
+    method.before_task(TASK)
+    seen = [[1.0, 2.0]]
+    for w in ([3.0, 0.0], [5.0, 4.0], [-1.0, 6.0]):
+        set_weights(model, w, 0.0)
+        method.after_step()
+        seen.append(w)
+    assert method.averager.count == 4
+    method.after_task(TASK)
+    assert torch.allclose(model.w, torch.tensor(seen).mean(0))     # (2, 3)
+    assert torch.allclose(model.b, torch.tensor((-1.0 + 0 + 0 + 0) / 4))
+
+
+def test_we_samples_at_steps_one_and_one_plus_avg_freq_like_the_official_loop():
+    model = TwoWeights()
+    method = WeightEnsemble(model, tokenizer=None, avg_freq=2)
+    method.before_task(TASK)
+    for w in ([3.0, 0.0], [100.0, 100.0], [5.0, 4.0], [100.0, 100.0]):  # 0-based steps 0..3: 0 and 2 sampled
+        set_weights(model, w, -1.0)
+        method.after_step()
+    method.after_task(TASK)
+    assert torch.allclose(model.w, torch.tensor([(1 + 3 + 5) / 3, (2 + 0 + 4) / 3]))
+
+
+def test_we_state_round_trip_resumes_the_same_average():
+    model = TwoWeights()
+    method = WeightEnsemble(model, tokenizer=None, avg_freq=1)
+    method.before_task(TASK)
+    set_weights(model, [3.0, 0.0], 0.0)
+    method.after_step()
+    restored_model = TwoWeights()
+    set_weights(restored_model, [3.0, 0.0], 0.0)
+    restored = WeightEnsemble(restored_model, tokenizer=None, avg_freq=1)
+    restored.load_state_dict(through_disk(method.state_dict()))
+    for m, mm in ((method, model), (restored, restored_model)):
+        set_weights(mm, [6.0, 6.0], 2.0)
+        m.after_step()
+        m.after_task(TASK)
+    assert torch.equal(model.w, restored_model.w) and torch.equal(model.b, restored_model.b)
+    assert torch.allclose(model.w, torch.tensor([(1 + 3 + 6) / 3, (2 + 0 + 6) / 3]))
+
+
+def test_wc_l2_is_the_summed_squared_distance_to_task_start():
+    model, tokenizer = tiny_clip()
+    method = WeightConsolidation(model, tokenizer, l2_weight=0.5)
+    method.before_task(classification_task(0, (0, 1, 2)))
+    with torch.no_grad():
+        model.text_projection.add_(0.1)               # 64×64 entries moved by 0.1
+        model.visual.proj.sub_(0.2)                    # 64×64 entries moved by 0.2
+    batch = digit_batches(tokenizer, (0, 1, 2), 4, 1)[0]
+    losses = method.training_loss(batch)
+    expected = 64 * 64 * (0.1 ** 2 + 0.2 ** 2)
+    assert losses["l2"].item() == pytest.approx(expected, rel=1e-4)
+    assert losses["loss"].item() == pytest.approx(losses["task"].item() + 0.5 * expected, rel=1e-5)
+
+
+def test_wc_state_round_trip_keeps_the_task_start_anchor():
+    model, tokenizer = tiny_clip()
+    method = WeightConsolidation(model, tokenizer)
+    method.before_task(classification_task(0, (0, 1, 2)))
+    with torch.no_grad():
+        model.text_projection.add_(0.1)
+    batch = digit_batches(tokenizer, (0, 1, 2), 4, 1)[0]
+    fresh_model, _ = tiny_clip()
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = WeightConsolidation(fresh_model, tokenizer)
+    fresh.load_state_dict(through_disk(method.state_dict()))
+    a, b = method.training_loss(batch), fresh.training_loss(batch)
+    assert all(torch.equal(a[k], b[k]) for k in a)
