@@ -1,0 +1,1 @@
+"""vlcl's orchestration: configs, the Ray Train task loop, evaluation, metrics, MLflow, sweeps, CLI."""

@@ -1,0 +1,208 @@
+"""Run configuration: YAML + `key=value` overrides -> one validated pydantic model.
+
+Every default lives here; a bad field fails before any work, naming its dotted path and why.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names every bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    name: str = Field("vlcl-tiny", description="open_clip model name (open_clip.list_models()) or vlcl-tiny / vlcl-small")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (needs network) or a local checkpoint file")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU; master weights stay fp32")
+
+
+class MethodConfig(_Section):
+    name: str = Field("finetune", description="a method from `vlcl methods`")
+    hparams: dict[str, Any] = Field(default_factory=dict, description="the method's hyperparameters (see `vlcl methods`)")
+
+    @model_validator(mode="after")
+    def _known_method_and_hparams(self):
+        from methods import get_method  # methods is import-light (torch, open_clip)
+
+        cls = get_method(self.name)  # raises with the known names
+        cls.validate_hparams(self.hparams)
+        return self
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, ge=1, description="global batch size (split evenly over workers)")
+    epochs_per_task: int = Field(10, ge=1, description="passes over each task's training shards")
+    max_steps_per_task: int | None = Field(None, ge=1, description="stop a task after this many optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (ZSCL: 0)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps at the start of every task, then cosine to 0")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
+    reset_optimizer_each_task: bool = Field(True, description="new optimizer state per task (ZSCL, CTP do this)")
+    seed: int = Field(0, description="seeds model init, shuffling and every task's RNG")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel processes)")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="one GPU per worker; auto = when the cluster has GPUs")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker")
+    augment: bool = Field(False, description="random resized crop (scale 0.9-1) on the training device")
+    shuffle_buffer: int = Field(1024, ge=0, description="rows in the seeded local shuffle buffer (0 = no shuffling)")
+    log_every_steps: int = Field(10, ge=1, description="log training losses every N optimizer steps")
+    max_failures: int = Field(0, ge=-1, description="worker failures to recover from (restarts at the last finished task)")
+
+
+class DataConfig(_Section):
+    root: str | None = Field(None, description="where built-in streams are materialised ($VLCL_DATA_DIR, ~/.cache/vlcl)")
+    on_bad_sample: Literal["error", "skip"] = Field("error", description="error: stop naming shard+key; skip: drop and count")
+    decoders: int = Field(1, ge=1, description="Ray Data actors decoding images per dataset")
+    cache: Literal["auto", "always", "never"] = Field(
+        "auto", description="materialise decoded tasks in the object store (auto: when a task is small)")
+    eval_max_samples: int | None = Field(None, ge=1, description="evaluate at most this many samples per task")
+    reference: str | None = Field(None, description="stream manifest of reference image-text pairs for methods that "
+                                  "distil on reference data (zscl); never the training stream")
+    reference_samples: int = Field(512, ge=1, description="reference pairs loaded from data.reference")
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(256, ge=1, description="evaluation batch size")
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the stream's name)")
+    checkpoints: Literal["all", "last", "none"] = Field("all", description="per-task checkpoints logged to MLflow")
+    system_metrics: bool | None = Field(None, description="log CPU/memory/GPU metrics (default: on for GPU runs)")
+    run_name: str | None = Field(None, description="MLflow run name (default <method>-<stream>-s<seed>)")
+    description: str | None = Field(None, description="one line shown as the run's description")
+
+
+class RunConfig(_Section):
+    stream: str = Field("builtin:digits", description="stream manifest path, or builtin:digits")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output_dir: str = Field("vlcl_runs", validate_default=True, description="Ray Train storage (checkpoints, run state); shared on a cluster")
+
+    @model_validator(mode="after")
+    def _reference_data_for_methods_that_need_it(self):
+        from methods import get_method
+
+        if getattr(get_method(self.method.name), "needs_reference_data", False) and not self.data.reference:
+            raise ValueError(f"data.reference: method {self.method.name!r} distils on reference image-text pairs; give "
+                             f"a stream manifest that is not the training stream (its train splits are used)")
+        if self.data.reference and self.data.reference == self.stream:
+            raise ValueError("data.reference: must not be the training stream")
+        return self
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output(cls, value: str) -> str:
+        return value if "://" in value else str(Path(value).expanduser().resolve())
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: {msg}")
+    return f"invalid run config ({source}):\n" + "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 1e-4 -> float, true -> bool, [1,2] -> list, else str."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _validate(data: dict, source: str) -> RunConfig:
+    try:
+        return RunConfig(**data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    except (KeyError, ValueError) as err:  # unknown method / hparams raised inside a validator
+        raise ConfigError(f"invalid run config ({source}):\n  {err}") from None
+
+
+def read_yaml_mapping(path: str | os.PathLike, error: type[Exception], what: str, expected: str,
+                      allow_empty: bool = False) -> dict:
+    """Parse a YAML file that must hold a mapping; `error` names the file and what was wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{what} {path} is not valid YAML: {err}") from None
+    if data is None and allow_empty:
+        data = {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must be a mapping ({expected})")
+    return data
+
+
+def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The config from a YAML file (or the built-in demo defaults) with `key.sub=value` overrides."""
+    data: dict = {}
+    source = "built-in defaults"
+    if path is not None:
+        source = str(path)
+        data = read_yaml_mapping(path, ConfigError, "run config", "of sections: stream, model, method, train, ...",
+                                 allow_empty=True)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+        key, value = item.split("=", 1)
+        set_dotted(data, key.strip(), parse_value(value))
+    return _validate(data, source)
+
+
+def with_overrides(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of `config` with dotted keys replaced (used by sweeps for each trial)."""
+    data = config.model_dump()
+    for key, value in values.items():
+        set_dotted(data, key, value)
+    return _validate(data, "overrides " + ", ".join(values))
+
+
+def flatten(config: RunConfig) -> dict[str, str]:
+    """Dotted key -> value string, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            out[prefix] = str(node)
+
+    walk("", config.model_dump())
+    return out
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)

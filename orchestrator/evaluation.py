@@ -1,0 +1,89 @@
+"""Zero-shot classification and image-text retrieval, as pure functions of a model and batches.
+
+Batches are dicts with `pixels` (B,H,W,3) or (B,3,H,W) uint8, `text` (B,L) token ids and `label`
+(B,) int64. The entry of the accuracy matrix is `score`: top-1 for classification, the mean of the
+six recalls (CTP's r_mean) for retrieval.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+
+from methods.base import fill_template
+from methods.models import normalize_pixels
+
+RECALL_AT = (1, 5, 10)
+
+
+@torch.no_grad()
+def class_text_embeddings(model, tokenizer, class_names: list[str], templates: list[str], device) -> torch.Tensor:
+    """(C, D): per class, the mean of its normalised template embeddings, renormalised (CLIP ensembling)."""
+    prompts = [fill_template(t, c) for c in class_names for t in templates]
+    tokens = tokenizer(prompts).to(device)
+    features = model.encode_text(tokens, normalize=True).float()
+    features = features.view(len(class_names), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[dict], mean, std, device,
+                       label_map: torch.Tensor | None = None, autocast=contextlib.nullcontext,
+                       max_samples: int | None = None) -> dict[str, float]:
+    """Top-1 of argmax_c <image, class_c>. `label_map` maps task-local labels to classifier rows."""
+    correct = total = 0
+    for batch in batches:
+        pixels = batch["pixels"].to(device)
+        labels = batch["label"].to(device)
+        if label_map is not None:
+            labels = label_map.to(device)[labels]
+        with autocast():
+            image_features = model.encode_image(normalize_pixels(pixels, mean, std), normalize=True)
+        predictions = (image_features.float() @ classifier.t()).argmax(dim=-1)
+        correct += int((predictions == labels).sum())
+        total += len(labels)
+        if max_samples and total >= max_samples:
+            break
+    if total == 0:
+        raise ValueError("evaluation set is empty")
+    accuracy = correct / total
+    return {"top1": accuracy, "score": accuracy, "samples": float(total)}
+
+
+@torch.no_grad()
+def retrieval_recalls(model, batches: Iterable[dict], mean, std, device, autocast=contextlib.nullcontext,
+                      max_samples: int | None = None) -> dict[str, float]:
+    """R@1/5/10 image->text and text->image; sample i's caption is image i's only match."""
+    image_features, text_features = [], []
+    count = 0
+    for batch in batches:
+        with autocast():
+            image_features.append(model.encode_image(normalize_pixels(batch["pixels"].to(device), mean, std),
+                                                     normalize=True).float())
+            text_features.append(model.encode_text(batch["text"].to(device), normalize=True).float())
+        count += len(batch["text"])
+        if max_samples and count >= max_samples:
+            break
+    if not image_features:
+        raise ValueError("evaluation set is empty")
+    images = torch.cat(image_features)[:max_samples]
+    texts = torch.cat(text_features)[:max_samples]
+    return recalls_from_similarity(images @ texts.t())
+
+
+def recalls_from_similarity(similarity: torch.Tensor) -> dict[str, float]:
+    """similarity (N, N) image x text with the match of row i at column i."""
+    n = similarity.shape[0]
+    target = torch.arange(n, device=similarity.device)
+    # rank of the true match = number of candidates scoring strictly higher
+    image_rank = (similarity > similarity[target, target].unsqueeze(1)).sum(dim=1)
+    text_rank = (similarity.t() > similarity[target, target].unsqueeze(1)).sum(dim=1)
+    out: dict[str, float] = {}
+    for k in RECALL_AT:
+        out[f"i2t_r{k}"] = float((image_rank < k).float().mean())
+        out[f"t2i_r{k}"] = float((text_rank < k).float().mean())
+    out["r_mean"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_AT) / (2 * len(RECALL_AT))
+    out["score"] = out["r_mean"]
+    out["samples"] = float(n)
+    return out

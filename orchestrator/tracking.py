@@ -1,0 +1,213 @@
+"""MLflow, in one place: where runs go, how they are named, and what each run holds.
+
+Conventions (see DESIGN.md): experiment = the stream's name; run name `<method>-<stream>-s<seed>`;
+params = the flattened config; metrics `eval/<task>/<metric>` and `cl/<metric>` with step = tasks
+trained, losses `train/<term>` with step = optimizer step; artifacts `matrix.json`, `matrix.png`,
+`matrix_table.json`, `config.yaml`, `checkpoints/task_<i>/`.
+
+The driver creates the run (so it exists before any worker starts and a resumed run continues the
+same one); rank 0 of the training workers logs into it through `RunLogger`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from orchestrator.config import RunConfig, flatten, to_yaml
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be reached or used; the message names the URI."""
+
+
+def resolve_tracking_uri(config: RunConfig | None = None) -> str:
+    uri = (config.tracking.uri if config else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # workers run in other folders
+    return uri
+
+
+def default_artifact_root(uri: str) -> str | None:
+    """Artifacts beside a local sqlite store (./mlruns); a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent / "mlruns")
+    return None
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, before any training, when an MLflow server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow server {uri} answered {response.status} on /health")
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(
+            f"MLflow server {uri} is unreachable ({err}). Start it (`mlflow server --host 127.0.0.1 --port 5000`), "
+            f"fix tracking.uri / MLFLOW_TRACKING_URI, or unset them to use the local sqlite store.") from None
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    mlflow_client = client(uri)
+    try:
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        return mlflow_client.create_experiment(name, artifact_location=_artifact_location(uri))
+    except Exception as err:  # mlflow raises several types for an unusable store
+        raise TrackingError(f"cannot use MLflow tracking store {uri}: {err}") from None
+
+
+def _artifact_location(uri: str) -> str | None:
+    root = default_artifact_root(uri)
+    return Path(root).as_uri() if root else None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def default_run_name(config: RunConfig, stream_name: str) -> str:
+    return config.tracking.run_name or f"{config.method.name}-{stream_name}-s{config.train.seed}"
+
+
+def stream_digest(stream) -> str:
+    """Digest of the stream's content description: shard lists and counts per task."""
+    parts = [(t.name, t.kind, t.train.shards, t.train.samples, t.eval.shards, t.eval.samples, t.classes) for t in stream.tasks]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def start_run(config: RunConfig, stream, manifest_path: str, *, parent_run_id: str | None = None,
+              run_name_suffix: str = "", extra_tags: dict | None = None) -> tuple[str, str]:
+    """Create the MLflow run for a task sequence and log what is known before training.
+
+    Returns (experiment_id, run_id).
+    """
+    uri = resolve_tracking_uri(config)
+    check_reachable(uri)
+    experiment_id = ensure_experiment(uri, config.tracking.experiment or stream.name)
+    mlflow_client = client(uri)
+    run_name = default_run_name(config, stream.name) + run_name_suffix
+    description = config.tracking.description or (
+        f"{config.method.name} on {stream.name} ({len(stream.tasks)} tasks), model {config.model.name}, seed {config.train.seed}")
+    tags = {
+        "mlflow.runName": run_name,
+        "mlflow.note.content": description,
+        "vlcl.kind": "run",
+        "vlcl.method": config.method.name,
+        "vlcl.stream": stream.name,
+        "vlcl.model": config.model.name,
+        "vlcl.seed": str(config.train.seed),
+        "vlcl.git_commit": git_commit(),
+        **(extra_tags or {}),
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    params = [Param(k[:250], v[:6000]) for k, v in flatten(config).items()]
+    for i in range(0, len(params), 100):
+        mlflow_client.log_batch(run_id, params=params[i:i + 100])
+    mlflow_client.log_text(run_id, to_yaml(config), "config.yaml")
+    _log_stream_input(mlflow_client, run_id, stream, manifest_path)
+    return experiment_id, run_id
+
+
+def _log_stream_input(mlflow_client, run_id: str, stream, manifest_path: str) -> None:
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(manifest_path)), name=stream.name, digest=stream_digest(stream))
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                            tags=[InputTag("mlflow.data.context", "train+eval")])])
+
+
+class RunLogger:
+    """What rank 0 logs during training: losses, per-task evaluation, the matrix, checkpoints."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = client(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
+        for i in range(0, len(entries), 500):
+            self.client.log_batch(self.run_id, metrics=entries[i:i + 500])
+
+    def log_matrix(self, task_names: list[str], rows: list[list[float]]) -> None:
+        payload = {"tasks": task_names, "metric": "score", "rows": rows,
+                   "row_labels": ["zero-shot"] + [f"after {name}" for name in task_names[:len(rows) - 1]]}
+        self.client.log_dict(self.run_id, payload, "matrix.json")
+        import pandas as pd
+
+        table = pd.DataFrame(rows, columns=task_names)
+        table.insert(0, "after", payload["row_labels"])
+        self.client.log_table(self.run_id, table, "matrix_table.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "matrix.png"
+            plot_matrix(task_names, rows, path)
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_checkpoint(self, directory: str, task_index: int) -> None:
+        self.client.log_artifacts(self.run_id, directory, f"checkpoints/task_{task_index}")
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def plot_matrix(task_names: list[str], rows: list[list[float]], path: Path) -> None:
+    """Heatmap of the accuracy matrix: rows = after which task, columns = evaluated task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = np.full((len(task_names) + 1, len(task_names)), np.nan)
+    data[:len(rows)] = rows
+    labels = ["zero-shot"] + [f"after {n}" for n in task_names]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(task_names), 1.0 + 0.6 * len(labels)))
+    image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(task_names)), task_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(rows)):
+        for j in range(len(task_names)):
+            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center",
+                    color="white" if data[i, j] < 0.6 else "black", fontsize=8)
+    ax.set_xlabel("evaluated task")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
