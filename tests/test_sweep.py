@@ -1,0 +1,258 @@
+"""Sweeps: config parsing and space building (fast), then a small end-to-end sweep on Ray (slow)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.sweep import (
+    OBJECTIVE_KEY,
+    ZERO_SHOT_DROP_KEY,
+    ObjectiveSettings,
+    ParamSpec,
+    StopRule,
+    SweepConfigError,
+    TrialOutcome,
+    derive_max_concurrent_trials,
+    derived_metrics,
+    format_leaderboard,
+    load_sweep_config,
+    plan_sweep,
+    rank_trials,
+    run_config_key,
+    trial_resources,
+    tune_param_space,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE = {"stream": "builtin:digits", "model": {"name": "vlcl-tiny"}, "method": {"name": "finetune"},
+             "train": {"max_steps_per_task": 2, "epochs_per_task": 1}}
+
+
+# ---- parsing and space building --------------------------------------------------------------
+
+def test_example_sweep_file_loads_with_the_default_space_overridden_per_key():
+    plan = load_sweep_config(REPO / "examples" / "sweep_digits.yaml")
+    default = yaml.safe_load((REPO / "tune_spaces" / "finetune.yaml").read_text())["space"]
+    assert plan.name == "sweep_digits"
+    # train.lr comes from the sweep file, label_smoothing from tune_spaces/finetune.yaml.
+    assert plan.space["train.lr"] == ParamSpec(type="loguniform", lower=1e-5, upper=1e-2)
+    assert plan.space["method.hparams.label_smoothing"] == ParamSpec(**default["label_smoothing"])
+    assert plan.base.train.num_workers == 1 and plan.base.train.cpus_per_worker == 1.0
+
+
+def test_bare_keys_are_method_hparams_and_dotted_keys_run_config_fields():
+    assert run_config_key("label_smoothing") == "method.hparams.label_smoothing"
+    assert run_config_key("train.lr") == "train.lr"
+    assert run_config_key("data.decoders") == "data.decoders"
+
+
+def test_space_keys_can_be_dropped_fixed_or_replaced():
+    plan = plan_sweep({"base": TINY_BASE, "space": {"label_smoothing": None, "train.seed": 3,
+                                                      "train.weight_decay": {"type": "uniform", "lower": 0.0, "upper": 0.1}}})
+    assert set(plan.space) == {"train.lr", "train.seed", "train.weight_decay"}
+    space = tune_param_space(plan)
+    assert space["train.seed"] == 3
+    assert space["train.weight_decay"].lower == 0.0 and space["train.weight_decay"].upper == 0.1
+
+
+def test_grid_search_expands_choices_and_rejects_continuous_ranges():
+    plan = plan_sweep({"base": TINY_BASE, "use_default_space": False, "search": {"algorithm": "grid"},
+                       "space": {"train.lr": {"type": "choice", "values": [1e-4, 1e-2]}}})
+    assert tune_param_space(plan)["train.lr"] == {"grid_search": [1e-4, 1e-2]}
+    with pytest.raises(SweepConfigError, match=r"space train\.lr: grid search needs `type: choice`"):
+        plan_sweep({"base": TINY_BASE, "search": {"algorithm": "grid"}})
+
+
+def test_a_space_value_the_method_rejects_names_the_space_key():
+    with pytest.raises(SweepConfigError, match=r"space\.label_smoothing .*value 1\.5"):
+        plan_sweep({"base": TINY_BASE, "space": {"label_smoothing": {"type": "choice", "values": [0.0, 1.5]}}})
+    with pytest.raises(SweepConfigError, match=r"space\.no_such_field"):
+        plan_sweep({"base": TINY_BASE, "space": {"no_such_field": {"type": "choice", "values": [1]}}})
+    with pytest.raises(SweepConfigError, match=r"space\.train\.lr: .*lower. > 0"):
+        plan_sweep({"base": TINY_BASE, "space": {"train.lr": {"type": "loguniform", "lower": 0, "upper": 1}}})
+
+
+def test_settings_errors_name_the_field():
+    with pytest.raises(SweepConfigError, match=r"objective\.name"):
+        plan_sweep({"base": TINY_BASE, "objective": {"name": "accuracy"}})
+    with pytest.raises(SweepConfigError, match=r"stop\.0\.metric"):
+        plan_sweep({"base": TINY_BASE, "stop": [{"metric": "loss", "max": 1}]})
+    with pytest.raises(SweepConfigError, match=r"base: run config .*missing\.yaml does not exist"):
+        plan_sweep({"base": "missing.yaml"}, relative_to=REPO)
+    with pytest.raises(SweepConfigError, match=r"base.*train\.lr"):
+        plan_sweep({"base": {**TINY_BASE, "train": {"lr": -1}}})
+    with pytest.raises(SweepConfigError, match=r"search\.algorithm.*optuna.*not installed"):
+        plan_sweep({"base": TINY_BASE, "search": {"algorithm": "optuna"}})
+    with pytest.raises(SweepConfigError, match=r"(top level|resources).*(extra|Extra)"):
+        plan_sweep({"base": TINY_BASE, "resources": {"gpus": 1}})
+
+
+def test_objectives_from_a_per_task_report():
+    report = {"cl/avg": 0.6, "cl/last": 0.5, "cl/seen_avg": 0.7, "cl/forgetting": 0.2, "cl/zero_shot": 0.3}
+    value = lambda **kw: derived_metrics(report, ObjectiveSettings(**kw))[OBJECTIVE_KEY]
+    assert value(name="avg") == 0.6 and value(name="last") == 0.5 and value(name="seen_avg") == 0.7
+    assert value(name="neg_forgetting") == -0.2
+    assert value(name="weighted", accuracy_weight=2.0, forgetting_weight=0.5) == pytest.approx(2 * 0.7 - 0.5 * 0.2)
+    assert derived_metrics(report, ObjectiveSettings())[ZERO_SHOT_DROP_KEY] == pytest.approx(0.3 - 0.5)
+    # After the first task forgetting is undefined (NaN): nothing has been forgotten yet.
+    first = {**report, "cl/forgetting": math.nan}
+    assert derived_metrics(first, ObjectiveSettings(name="weighted"))[OBJECTIVE_KEY] == pytest.approx(0.7)
+
+
+def test_stop_rule_fires_only_after_its_task_and_above_its_bound():
+    rule = StopRule(metric="cl/forgetting", max=0.3, after_task=2)
+    assert not rule.violated({"task": 1, "cl/forgetting": 0.9})
+    assert not rule.violated({"task": 2, "cl/forgetting": 0.3})
+    assert rule.violated({"task": 2, "cl/forgetting": 0.31})
+    assert not rule.violated({"task": 3, "cl/forgetting": math.nan})
+
+
+def test_max_concurrent_trials_from_cluster_resources():
+    plan = plan_sweep({"base": TINY_BASE, "resources": {"workers": 2, "cpus_per_worker": 4, "use_gpu": True,
+                                                         "trial_cpus": 1}})
+    per_trial = trial_resources(plan, cluster_has_gpus=True)
+    assert per_trial == {"CPU": 9.0, "GPU": 2.0}
+    assert derive_max_concurrent_trials(per_trial, {"CPU": 96.0, "GPU": 8.0}) == 4  # GPU-bound
+    assert derive_max_concurrent_trials(per_trial, {"CPU": 20.0, "GPU": 8.0}) == 2  # CPU-bound
+    assert derive_max_concurrent_trials(per_trial, {"CPU": 8.0}) == 1  # autoscaler will add GPU nodes
+    cpu_plan = plan_sweep({"base": TINY_BASE, "resources": {"cpus_per_worker": 0.5, "trial_cpus": 0.5}})
+    assert derive_max_concurrent_trials(trial_resources(cpu_plan, cluster_has_gpus=False), {"CPU": 2.0}) == 2
+    assert plan_sweep({"base": TINY_BASE}).config.resources.trial_cpus == 0.0
+
+
+def test_ranking_puts_completed_trials_first_by_final_objective():
+    trials = [TrialOutcome("a", {}, [0.5, 0.9], 2, "stopped (rule)"),
+              TrialOutcome("b", {}, [0.5, 0.4, 0.3], 3, "completed"),
+              TrialOutcome("c", {}, [0.6, 0.6, 0.7], 3, "completed"),
+              TrialOutcome("d", {}, [0.1], 1, "stopped (asha)")]
+    assert [t.trial_id for t in rank_trials(trials)] == ["c", "b", "a", "d"]
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+def three_task_digits(digits_manifest, folder: Path) -> Path:
+    """The first three tasks of the built-in digits stream, as a manifest with absolute shard paths."""
+    from streams.manifest import load_stream
+
+    stream = load_stream(digits_manifest)
+    root = Path(stream.root)
+    data = stream.model_dump(exclude={"root"})
+    data["name"] = "digits3"
+    data["tasks"] = data["tasks"][:3]
+    for task in data["tasks"]:
+        for split in ("train", "eval"):
+            task[split]["shards"] = [str(root / s) for s in task[split]["shards"]]
+    path = folder / "digits3.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(ray_session, digits_manifest, tmp_path_factory):
+    """3 trials x 3 tasks: lr 1e-7 (learns nothing, forgets nothing), 1e-3 (learns each task and
+    forgets the previous one), 3e-4. The forgetting rule must stop the 1e-3 one after its second task.
+    Measured with 8 steps per task: 1e-3 reached only 0.5 on task 1 (no forgetting until task 3) and
+    3e-3 collapsed to chance, hence 60 steps (a task is 9 steps per epoch, so 10 epochs capped at 60)."""
+    from orchestrator.sweep import run_sweep
+
+    folder = tmp_path_factory.mktemp("sweep")
+    manifest = three_task_digits(digits_manifest, folder)
+    raw = {
+        "name": "digits3-lr",
+        "base": {"stream": str(manifest), "model": {"name": "vlcl-tiny"}, "method": {"name": "finetune"},
+                 "train": {"batch_size": 32, "max_steps_per_task": 60, "epochs_per_task": 10, "log_every_steps": 10},
+                 "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "sweep-test",
+                              "checkpoints": "none"},
+                 "output_dir": str(folder / "runs")},
+        "use_default_space": False,
+        "space": {"train.lr": {"type": "choice", "values": [1e-7, 1e-3, 3e-4]}},
+        "search": {"algorithm": "grid", "num_samples": 1},
+        "objective": {"name": "weighted", "accuracy_weight": 1.0, "forgetting_weight": 1.0},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "stop": [{"metric": "cl/forgetting", "max": 0.3, "after_task": 2}],
+        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 1},
+        "storage_path": str(folder / "sweeps"),
+    }
+    plan = plan_sweep(raw, source="test sweep")
+    return plan, run_sweep(plan, quiet=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_stops_the_forgetting_trial_and_a_later_trial_still_runs(finished_sweep):
+    plan, result = finished_sweep
+    print(format_leaderboard(result))
+    by_lr = {t.params["train.lr"]: t for t in result.trials}
+    assert set(by_lr) == {1e-7, 1e-3, 3e-4} and result.num_tasks == 3
+    forgetful = by_lr[1e-3]
+    assert forgetful.status == "stopped (rule)" and forgetful.tasks_trained == 2
+    assert forgetful.last_metrics["cl/forgetting"] > 0.3
+    # Trials run one at a time: the trial after the stopped one got its resources and trained.
+    assert by_lr[3e-4].tasks_trained >= 1
+    assert by_lr[1e-7].status == "completed" and by_lr[1e-7].tasks_trained == 3
+    # The objective is the weighted score recorded after every task.
+    tiny = by_lr[1e-7]
+    assert len(tiny.objective_per_task) == 3
+    assert tiny.objective_per_task[-1] == pytest.approx(
+        tiny.last_metrics["cl/seen_avg"] - tiny.last_metrics["cl/forgetting"])
+    assert result.trial_tasks_trained == sum(t.tasks_trained for t in result.trials) < 9
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_is_a_parent_run_with_child_trials_and_a_leaderboard(finished_sweep):
+    from mlflow.tracking import MlflowClient
+
+    plan, result = finished_sweep
+    client = MlflowClient(tracking_uri=plan.base.tracking.uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["vlcl.kind"] == "sweep" and parent.data.tags["vlcl.sweep_id"] == result.sweep_id
+    assert parent.data.tags["vlcl.objective"] == "1*seen_avg - 1*forgetting"
+    assert parent.data.params["sweep.objective"] == "1*seen_avg - 1*forgetting"
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([result.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 3
+    assert {c.data.tags["vlcl.trial_id"] for c in children} == {t.trial_id for t in result.trials}
+    assert all(c.data.tags["vlcl.sweep_id"] == result.sweep_id for c in children)
+    # Each child holds its own lr and one cl/seen_avg point per task it trained.
+    for trial in result.trials:
+        child = client.get_run(trial.run_id)
+        assert float(child.data.params["train.lr"]) == trial.params["train.lr"]
+        history = client.get_metric_history(trial.run_id, "cl/seen_avg")
+        assert [m.step for m in history] == list(range(1, trial.tasks_trained + 1))
+        assert child.data.tags["vlcl.trial_status"] == trial.status
+    stopped = next(t for t in result.trials if t.status == "stopped (rule)")
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+    completed = next(t for t in result.trials if t.status == "completed")
+    assert client.get_run(completed.run_id).info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"leaderboard.json", "best_config.yaml", "objective_per_task.png", "sweep.yaml"} <= artifacts
+    board = json.loads(Path(client.download_artifacts(result.parent_run_id, "leaderboard.json")).read_text())
+    rows = [dict(zip(board["columns"], row)) for row in board["data"]]
+    assert [r["trial_id"] for r in rows] == [t.trial_id for t in result.trials]
+    assert rows[0]["rank"] == 1 and rows[0]["trial_id"] == result.best.trial_id
+    best = yaml.safe_load(Path(client.download_artifacts(result.parent_run_id, "best_config.yaml")).read_text())
+    assert best["train"]["lr"] == result.best.params["train.lr"]
+    assert client.get_metric_history(result.parent_run_id, "sweep/trial_tasks_trained")[-1].value == \
+        result.trial_tasks_trained
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_resume_of_a_finished_sweep_reruns_no_trial(finished_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep import run_sweep
+
+    plan, result = finished_sweep
+    resumed = run_sweep(plan, resume=True, quiet=True)
+    assert resumed.sweep_id == result.sweep_id and resumed.parent_run_id == result.parent_run_id
+    assert {(t.trial_id, t.tasks_trained, t.status) for t in resumed.trials} == \
+        {(t.trial_id, t.tasks_trained, t.status) for t in result.trials}
+    client = MlflowClient(tracking_uri=plan.base.tracking.uri)
+    children = client.search_runs([result.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 3  # no trial started again
