@@ -1,0 +1,261 @@
+"""Is vlcl's training phase as fast as a plain PyTorch loop? Both, in one run, on one machine:
+
+(a) the plain loop: the model, a synthetic batch already on the device, AdamW (fused on CUDA),
+    autocast at --precision, CLIP's contrastive loss; img/s after warm-up.
+(b) `vlcl run`'s training phase (orchestrator.trainer.run_sequence, fine-tuning with the
+    contrastive task loss) on real JPEG webdataset shards: sklearn digits upscaled to the model's
+    image size, written with streams.writer as a one-task stream. Its img/s is the
+    `train/images_per_second` metric the trainer logs to MLflow (a temporary sqlite store); it
+    covers the whole task (first step and data-pipeline start included), so give it enough steps.
+
+Prints img/s of both, the ratio (b)/(a), MFU of each against 989 TF/s (H100 dense bf16), with the
+FLOPs per image counted by FlopCounterMode over one plain step, and GPU memory on CUDA.
+
+    python bench/throughput.py --model vlcl-tiny --batch 32 --steps 10 --device cpu --precision fp32
+    python bench/throughput.py --model ViT-B-32 --batch 512 --steps 100 --precision bf16
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+H100_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION = "a photo of the handwritten number {}."
+
+
+@dataclass
+class Throughput:
+    images_per_second: float
+    peak_memory_bytes: int | None = None         # torch allocator peak (plain loop only: it runs in this process)
+    device_memory_peak_bytes: int | None = None  # whole-device memory in use at its peak, as nvidia-smi shows it
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vlcl-tiny")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of the plain loop and steps of vlcl's task")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed plain-loop steps")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="training samples in the JPEG shards (default: enough for one epoch of --steps, at most 20000)")
+    parser.add_argument("--decoders", type=int, default=None, help="data.decoders for vlcl (default: CPUs left after the worker)")
+    parser.add_argument("--workdir", default=None, help="where shards, runs and the MLflow store go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.batch < 2 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) plain loop
+# ----------------------------------------------------------------------------------------------
+def plain_loop(args, device: torch.device) -> tuple[Throughput, float]:
+    """img/s of the plain loop after warm-up, and FLOPs per image of one training step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from methods.losses import clip_contrastive_loss
+    from methods.models import build_model, normalize_pixels
+
+    torch.manual_seed(0)
+    built = build_model(args.model)
+    model = built.model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    size = built.image_size
+    pixels = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
+    images = normalize_pixels(pixels, built.image_mean, built.image_std)
+    text = built.tokenizer([CAPTION.format(DIGIT_NAMES[i % 10]) for i in range(args.batch)]).to(device)
+
+    def step() -> None:
+        with autocast():
+            loss = clip_contrastive_loss(model.encode_image(images, normalize=True),
+                                         model.encode_text(text, normalize=True), model.logit_scale.exp())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with FlopCounterMode(display=False) as counter:
+        step()  # also the first warm-up step
+    for _ in range(args.warmup):
+        step()
+    synchronize()
+    with DeviceMemoryWatch(device) as watch:
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        synchronize()
+        seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    del model, optimizer, images, pixels, text
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # leave the device to vlcl's worker
+    result = Throughput(args.steps * args.batch / seconds, peak_memory_bytes=peak, device_memory_peak_bytes=watch.peak)
+    return result, counter.get_total_flops() / args.batch
+
+
+class DeviceMemoryWatch:
+    """Samples device-wide memory in use (all processes: vlcl trains in a Ray worker) on CUDA."""
+
+    def __init__(self, device: torch.device, interval: float = 0.1):
+        self.device, self.interval, self.peak = device, interval, None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _sample(self) -> None:
+        free, total = torch.cuda.mem_get_info(self.device)
+        self.peak = max(self.peak or 0, total - free)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self._sample()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) vlcl's training phase on JPEG shards
+# ----------------------------------------------------------------------------------------------
+def jpeg_digits(count: int, image_size: int, seed: int = 0):
+    """`count` samples: sklearn digits bicubic-upscaled to `image_size`, JPEG-encoded, captioned."""
+    import numpy as np
+    from PIL import Image
+
+    from streams.writer import Sample
+
+    images, targets = digit_arrays()
+    rng = np.random.default_rng(seed)
+    encoded_cache: dict[int, bytes] = {}
+    for i in range(count):
+        index = int(rng.integers(len(targets)))
+        if index not in encoded_cache:
+            grey = (255 - images[index] * (255 / 16)).round().astype(np.uint8)
+            image = Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB")
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            encoded_cache[index] = buffer.getvalue()
+        label = int(targets[index])
+        yield Sample(key=f"s{i:07d}", image=encoded_cache[index], caption=CAPTION.format(DIGIT_NAMES[label]))
+
+
+def digit_arrays():
+    """sklearn's 8x8 digits (ink 0..16) and labels; where scikit-learn is missing (pack-wheels.sh does
+    not pack it for the GPU machine), seeded random 8x8 ink maps, upscaled and encoded the same way."""
+    import numpy as np
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, 17, size=(1797, 8, 8)).astype(np.float64), rng.integers(0, 10, size=1797)
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+def write_jpeg_stream(root: Path, train_samples: int, eval_samples: int, image_size: int) -> Path:
+    """A one-task retrieval stream of JPEG shards under `root`; returns its manifest path."""
+    from streams.manifest import ShardSet, StreamSpec, TaskSpec, write_manifest
+    from streams.writer import write_split
+
+    splits = {}
+    for split, count, seed in (("train", train_samples, 0), ("eval", eval_samples, 1)):
+        written = write_split(jpeg_digits(count, image_size, seed), root / split, f"digits-jpeg-{split}",
+                              max_samples_per_shard=1000)
+        splits[split] = ShardSet(shards=[f"{split}/{p.name}" for p in written.shards], samples=written.samples)
+    task = TaskSpec(name="digits-jpeg", kind="retrieval", train=splits["train"], eval=splits["eval"])
+    return write_manifest(StreamSpec(name="digits-jpeg", tasks=[task]), root / "manifest.yaml")
+
+
+def vlcl_training(args, manifest: Path, workdir: Path, device: torch.device) -> Throughput:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import load_run_config
+    from orchestrator.trainer import run_sequence
+
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    cpus = os.cpu_count() or 2
+    decoders = args.decoders or max(1, cpus - 2)
+    config = load_run_config(None, [
+        f"stream={manifest}", f"output_dir={workdir / 'runs'}", f"tracking.uri={tracking_uri}",
+        f"model.name={args.model}", f"model.precision={args.precision}", "method.name=finetune",
+        "method.hparams.task_loss=contrastive", f"train.batch_size={args.batch}",
+        f"train.max_steps_per_task={args.steps}", "train.epochs_per_task=1000", "train.lr=1e-5",
+        f"train.use_gpu={str(device.type == 'cuda').lower()}", "train.cpus_per_worker=1",
+        f"train.log_every_steps={max(1, args.steps)}", "tracking.checkpoints=none",
+        f"data.decoders={decoders}", f"eval.batch_size={min(args.batch, 256)}",
+    ])
+    with DeviceMemoryWatch(device) as watch:
+        result = run_sequence(config, quiet=True)
+    history = MlflowClient(tracking_uri).get_metric_history(result.run_id, "train/images_per_second")
+    if not history:
+        raise RuntimeError(f"run {result.run_id} logged no train/images_per_second to {tracking_uri}")
+    return Throughput(history[-1].value, device_memory_peak_bytes=watch.peak)
+
+
+# ----------------------------------------------------------------------------------------------
+def format_report(args, plain: Throughput, vlcl: Throughput, flops_per_image: float) -> str:
+    def gib(value):
+        return "-" if value is None else f"{value / 2**30:.2f}"
+
+    lines = [f"model={args.model} batch={args.batch} precision={args.precision} device={args.device} steps={args.steps}",
+             f"FLOPs per image (fwd+bwd, FlopCounterMode): {flops_per_image / 1e9:.3f} GFLOP", "",
+             "| loop | img/s | MFU vs 989 TF/s | torch peak GiB | device peak GiB |", "|---|---|---|---|---|"]
+    for name, result in (("plain PyTorch (synthetic, on device)", plain), ("vlcl run (JPEG shards, Ray)", vlcl)):
+        mfu = result.images_per_second * flops_per_image / H100_PEAK_FLOPS
+        lines.append(f"| {name} | {result.images_per_second:.1f} | {100 * mfu:.2f}% | "
+                     f"{gib(result.peak_memory_bytes)} | {gib(result.device_memory_peak_bytes)} |")
+    lines += ["", f"ratio vlcl/plain: {vlcl.images_per_second / plain.images_per_second:.3f}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from methods.models import build_model
+
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    plain, flops_per_image = plain_loop(args, device)
+    print(f"plain loop: {plain.images_per_second:.1f} img/s", flush=True)
+
+    image_size = build_model(args.model).image_size
+    train_samples = args.samples or min(20000, max(args.batch * (args.steps + 1), 2 * args.batch))
+    with contextlib.ExitStack() as stack:
+        workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vlcl-bench-")))
+        manifest = write_jpeg_stream(workdir / "stream", train_samples, min(args.batch, 256), image_size)
+        vlcl = vlcl_training(args, manifest, workdir, device)
+    print(f"vlcl run: {vlcl.images_per_second:.1f} img/s", flush=True)
+    print()
+    print(format_report(args, plain, vlcl, flops_per_image), flush=True)
+    return {"plain_images_per_second": plain.images_per_second, "vlcl_images_per_second": vlcl.images_per_second,
+            "ratio": vlcl.images_per_second / plain.images_per_second, "flops_per_image": flops_per_image}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The benchmarks of bench/ in tiny CPU mode: every method gets a time and a FLOP ratio to
+fine-tuning; the throughput benchmark reports both loops' img/s and their ratio."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import method_cost  # noqa: E402
+import throughput  # noqa: E402
+
+from methods import METHODS  # noqa: E402
+
+pytestmark = pytest.mark.slow
+NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def test_method_cost_prints_a_time_and_flop_ratio_per_method(capsys):
+    costs = method_cost.main(["--model", "vlcl-tiny", "--batch", "4", "--steps", "1", "--warmup", "0",
+                              "--device", "cpu", "--precision", "fp32"])
+    table = capsys.readouterr().out
+    rows = {}
+    for line in table.splitlines():
+        match = re.match(rf"\| (\w+) \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \|$", line)
+        if match:
+            rows[match.group(1)] = [float(v) for v in match.groups()[1:]]
+    assert set(rows) == set(METHODS)
+    assert rows["finetune"][1] == 1.0 and rows["finetune"][3] == 1.0
+    assert all(ms > 0 and gflop > 0 for ms, _, gflop, _, _ in rows.values())
+    # Teachers run forward passes on task index 1, so distillation methods cost more FLOPs than fine-tuning.
+    assert rows["lwf"][3] > 1.05 and rows["zscl"][3] > 1.05
+    assert [c.name for c in costs][0] == "finetune" and all(c.peak_memory_bytes is None for c in costs)
+
+
+def test_method_cost_rejects_an_unknown_method():
+    from methods import UnknownMethodError
+
+    with pytest.raises(UnknownMethodError, match="no_such_method"):
+        method_cost.main(["--methods", "no_such_method", "--device", "cpu"])
+
+
+@pytest.mark.ray
+def test_throughput_prints_both_loops_and_their_ratio(ray_session, tmp_path, capsys):
+    result = throughput.main(["--model", "vlcl-tiny", "--batch", "16", "--steps", "3", "--warmup", "1",
+                              "--device", "cpu", "--precision", "fp32", "--decoders", "1",
+                              "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    plain = re.search(rf"\| plain PyTorch [^|]*\| {NUMBER} \| {NUMBER}% \|", out)
+    vlcl = re.search(rf"\| vlcl run [^|]*\| {NUMBER} \| {NUMBER}% \|", out)
+    ratio = re.search(rf"ratio vlcl/plain: {NUMBER}", out)
+    assert plain and vlcl and ratio, out
+    assert float(plain.group(1)) > 0 and float(vlcl.group(1)) > 0
+    assert float(ratio.group(1)) == pytest.approx(float(vlcl.group(1)) / float(plain.group(1)), rel=0.01)
+    assert result["flops_per_image"] > 0
+    # The vlcl number is the trainer's MLflow metric, read back from the store in the work dir.
+    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "stream" / "manifest.yaml").is_file()
