@@ -14,6 +14,10 @@ formulas, 0-indexed in code). With MTIL's definitions (ZSCL `mtil/results.ipynb`
 A partial matrix (rows 0..k, k < T: the run is at task k) gives the same metrics over what has
 been trained so far: `seen_avg` = mean_{j <= k} R[k, j], BWT and forgetting over tasks 1..k-1.
 That is what sweeps stop on after every task.
+
+Control sets (held-out, never trained on) give a second matrix C with the same rows and one column
+per set. Control retention after k tasks = mean_c C[k, c] / C[0, c]: the share of the starting
+model's zero-shot score that survives (1 = all of it; sets the start scores 0 on are left out).
 """
 from __future__ import annotations
 
@@ -75,6 +79,22 @@ def forgetting(rows) -> float:
 
 def zero_shot(rows) -> float:
     return float(as_matrix(rows)[0].mean())
+
+
+def control_retention(control_rows) -> float:
+    c = np.asarray(control_rows, dtype=float)
+    if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] == 0:
+        return math.nan
+    start, now = c[0], c[-1]
+    return _mean(now[i] / start[i] for i in range(c.shape[1]) if start[i] > 0)
+
+
+def summarize_control(control_rows) -> dict[str, float]:
+    """Control-set metrics of the latest row (`cl/control`, `cl/control_retention`)."""
+    c = np.asarray(control_rows, dtype=float)
+    if c.ndim != 2 or c.shape[1] == 0:
+        return {}
+    return {"cl/control": float(c[-1].mean()), "cl/control_retention": control_retention(c)}
 
 
 def summarize(rows) -> dict[str, float]:

@@ -163,18 +163,24 @@ class RunLogger:
         for i in range(0, len(entries), 500):
             self.client.log_batch(self.run_id, metrics=entries[i:i + 500])
 
-    def log_matrix(self, task_names: list[str], rows: list[list[float]]) -> None:
+    def log_matrix(self, task_names: list[str], rows: list[list[float]], control_names: list[str] = (),
+                   control_rows: list[list[float]] = ()) -> None:
+        """matrix.json (+ control sets' rows), the same as a table, and the heatmap."""
         payload = {"tasks": task_names, "metric": "score", "rows": rows,
                    "row_labels": ["zero-shot"] + [f"after {name}" for name in task_names[:len(rows) - 1]]}
+        if control_names:
+            payload["control_tasks"], payload["control_rows"] = list(control_names), control_rows
         self.client.log_dict(self.run_id, payload, "matrix.json")
         import pandas as pd
 
         table = pd.DataFrame(rows, columns=task_names)
+        for column, name in enumerate(control_names):
+            table[f"control: {name}"] = [r[column] for r in control_rows]
         table.insert(0, "after", payload["row_labels"])
         self.client.log_table(self.run_id, table, "matrix_table.json")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "matrix.png"
-            plot_matrix(task_names, rows, path)
+            plot_matrix(task_names, rows, path, control_names, control_rows)
             self.client.log_artifact(self.run_id, str(path))
 
     def log_checkpoint(self, directory: str, task_index: int) -> None:
@@ -187,23 +193,30 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def plot_matrix(task_names: list[str], rows: list[list[float]], path: Path) -> None:
-    """Heatmap of the accuracy matrix: rows = after which task, columns = evaluated task."""
+def plot_matrix(task_names: list[str], rows: list[list[float]], path: Path, control_names: list[str] = (),
+                control_rows: list[list[float]] = ()) -> None:
+    """Heatmap of the accuracy matrix: rows = after which task, columns = evaluated task, then the
+    control sets right of a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    data = np.full((len(task_names) + 1, len(task_names)), np.nan)
-    data[:len(rows)] = rows
+    columns = list(task_names) + [f"control: {n}" for n in control_names]
+    data = np.full((len(task_names) + 1, len(columns)), np.nan)
+    data[:len(rows), :len(task_names)] = rows
+    if control_names:
+        data[:len(control_rows), len(task_names):] = control_rows
     labels = ["zero-shot"] + [f"after {n}" for n in task_names]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(task_names), 1.0 + 0.6 * len(labels)))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.6 * len(labels)))
     image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(len(task_names)), task_names, rotation=45, ha="right")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
+    if control_names:
+        ax.axvline(len(task_names) - 0.5, color="white", linestyle="--", linewidth=1.5)
     for i in range(len(rows)):
-        for j in range(len(task_names)):
+        for j in range(len(columns)):
             ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center",
                     color="white" if data[i, j] < 0.6 else "black", fontsize=8)
     ax.set_xlabel("evaluated task")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.config import ConfigError, RunConfig, to_yaml
-from orchestrator.metrics import summarize
+from orchestrator.metrics import summarize, summarize_control
 
 GRADIENT_BUCKET_ELEMENTS = 32 * 2**20
 CACHE_LIMIT_BYTES = 512 * 2**20  # data.cache=auto materialises a task below this size
@@ -43,6 +43,8 @@ class SequenceResult:
     skipped_samples: int = 0
     wall_seconds: float = 0.0
     eval_details: dict = field(default_factory=dict)
+    control_tasks: list[str] = field(default_factory=list)
+    control_matrix: list[list[float]] = field(default_factory=list)  # rows as `matrix`, one column per control set
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +136,8 @@ def run_sequence(config: RunConfig, *, resume: bool = False, parent_run_id: str 
     with result.checkpoint.as_directory() as directory:
         progress = json.loads((Path(directory) / "progress.json").read_text())
     matrix = progress["matrix"]
-    summary = {k: v for k, v in summarize(matrix).items() if not math.isnan(v)}
+    control_matrix = progress.get("control", [])
+    summary = {k: v for k, v in (summarize(matrix) | summarize_control(control_matrix)).items() if not math.isnan(v)}
     write_state(output / "runs" / f"{ray_name}.json", {
         "run_name": run_name, "run_id": run_id, "experiment_id": experiment_id, "ray_name": ray_name,
         "finished": True})
@@ -142,7 +145,8 @@ def run_sequence(config: RunConfig, *, resume: bool = False, parent_run_id: str 
     return SequenceResult(run_id=run_id, experiment_id=experiment_id, tasks=[t.name for t in stream.tasks],
                           matrix=matrix, summary=summary, tracking_uri=tracking_uri,
                           skipped_samples=progress.get("skipped_samples", 0), wall_seconds=time.time() - started,
-                          eval_details=progress.get("eval_details", {}))
+                          eval_details=progress.get("eval_details", {}),
+                          control_tasks=[t.name for t in stream.control], control_matrix=control_matrix)
 
 
 def build_datasets(config: RunConfig, stream, image_size: int):
@@ -179,6 +183,16 @@ def build_datasets(config: RunConfig, stream, image_size: int):
         if config.train.max_steps_per_task:
             steps = min(steps, config.train.max_steps_per_task)
         planned.append(steps)
+    for index, task in enumerate(stream.control):
+        dataset = task_dataset(stream.shard_urls(task.eval), image_size, factory, task.classes, train=False,
+                               on_bad_sample=config.data.on_bad_sample, skip_counter=skip_counter,
+                               decoders=config.data.decoders).select_columns(["pixels", "text", "label"])
+        if config.data.eval_max_samples:
+            dataset = dataset.limit(config.data.eval_max_samples)
+        size = (task.eval.samples or 0) * image_size * image_size * 3
+        if config.data.cache == "always" or (config.data.cache == "auto" and 0 < size < CACHE_LIMIT_BYTES):
+            dataset = dataset.materialize()
+        datasets[f"control_{index}"] = dataset
     return datasets, skip_counter, planned
 
 
@@ -273,7 +287,8 @@ def train_sequence(loop_config: dict) -> None:
     method = get_method(config.method.name)(model, built.tokenizer, config.method.hparams)
     autocast = _autocast(config, device)
 
-    progress = {"tasks_done": 0, "matrix": [], "global_step": 0, "skipped_samples": 0, "eval_details": {}}
+    progress = {"tasks_done": 0, "matrix": [], "control": [], "global_step": 0, "skipped_samples": 0,
+                "eval_details": {}}
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
     checkpoint_dir = None
@@ -305,13 +320,14 @@ def train_sequence(loop_config: dict) -> None:
                                               tracking_uri=loop_config["tracking_uri"])
         system_monitor.start()
     names = [t.name for t in tasks]
+    control_names = [t.name for t in stream.control]
     if not progress["matrix"]:  # before any training: the zero-shot row
-        row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast, rank)
-        progress["matrix"] = [row]
+        row, control_row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast, rank)
+        progress["matrix"], progress["control"] = [row], [control_row]
         progress["eval_details"]["0"] = details
         if logger:
-            logger.log_metrics(_eval_metrics(names, details, progress["matrix"]), step=0)
-            logger.log_matrix(names, progress["matrix"])
+            logger.log_metrics(_eval_metrics(names + control_names, details, progress), step=0)
+            logger.log_matrix(names, progress["matrix"], control_names, progress["control"])
 
     optimizer = None
     for index in range(progress["tasks_done"], len(tasks)):
@@ -368,21 +384,22 @@ def train_sequence(loop_config: dict) -> None:
         method.after_task(info, lambda: task_batches(epoch))
         model.eval()
 
-        row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast, rank)
+        row, control_row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast, rank)
         progress["matrix"].append(row)
+        progress.setdefault("control", []).append(control_row)
         progress["eval_details"][str(index + 1)] = details
         progress["tasks_done"] = index + 1
         if loop_config.get("skip_counter") is not None:
             import ray
 
             progress["skipped_samples"] = ray.get(loop_config["skip_counter"].total.remote())
-        metrics = {"task": index + 1, **summarize(progress["matrix"]), **_eval_metrics(names, details, progress["matrix"]),
+        metrics = {"task": index + 1, **_eval_metrics(names + control_names, details, progress),
                    "train/task_seconds": train_seconds, "train/images_per_second": steps * config.train.batch_size / max(train_seconds, 1e-9),
                    "data/skipped_samples": progress["skipped_samples"]}
         metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
         if logger:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "task"}, step=index + 1)
-            logger.log_matrix(names, progress["matrix"])
+            logger.log_matrix(names, progress["matrix"], control_names, progress["control"])
         _report(config, progress, model, method, optimizer, rank, logger, metrics, index, len(tasks))
         _maybe_inject_fault(loop_config.get("fault"), index + 1, rank)
     if system_monitor is not None:
@@ -516,16 +533,20 @@ def evaluate_all(model, built, stream, config: RunConfig, device, autocast, rank
     from methods.distributed import broadcast_object
     from orchestrator.evaluation import class_text_embeddings, retrieval_recalls, zero_shot_accuracy
 
-    row, details = None, None
+    row, control_row, details = None, None, None
     if rank == 0:
         model.eval()
         row, details = [], {}
         stream_classes = stream.stream_classes()
         stream_classifier = None
-        for index, task in enumerate(stream.tasks):
-            batches = ray.train.get_dataset_shard(f"eval_{index}").iter_torch_batches(batch_size=config.eval.batch_size)
+        control_row = []
+        evaluated = [(task, f"eval_{i}", False) for i, task in enumerate(stream.tasks)]
+        evaluated += [(task, f"control_{i}", True) for i, task in enumerate(stream.control)]
+        for task, dataset_name, is_control in evaluated:
+            batches = ray.train.get_dataset_shard(dataset_name).iter_torch_batches(batch_size=config.eval.batch_size)
             if task.kind == "classification":
-                if stream.eval_classifier == "stream":
+                # A control set is scored over its own classes: it is never part of the stream's label space.
+                if stream.eval_classifier == "stream" and not is_control:
                     if stream_classifier is None:
                         stream_classifier = class_text_embeddings(model, built.tokenizer, stream_classes,
                                                                   task.templates, device)
@@ -539,15 +560,16 @@ def evaluate_all(model, built, stream, config: RunConfig, device, autocast, rank
             else:
                 result = retrieval_recalls(model, batches, built.image_mean, built.image_std, device, autocast=autocast)
             details[task.name] = result
-            row.append(result["score"])
-    return broadcast_object((row, details))
+            (control_row if is_control else row).append(result["score"])
+    return broadcast_object((row, control_row, details))
 
 
-def _eval_metrics(names: list[str], details: dict, matrix) -> dict[str, float]:
+def _eval_metrics(names: list[str], details: dict, progress: dict) -> dict[str, float]:
     metrics = {}
     for name in names:
         for key, value in details[name].items():
             if key != "samples":
                 metrics[f"eval/{name}/{key}"] = value
-    metrics.update(summarize(matrix))
+    metrics.update(summarize(progress["matrix"]))
+    metrics.update(summarize_control(progress.get("control", [])))
     return metrics

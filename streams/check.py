@@ -233,6 +233,8 @@ def check_stream(spec: StreamSpec | str | os.PathLike, decode_images: bool = Tru
     for task in spec.tasks:
         for split in ("train", "eval"):
             check_split(spec, task, split, decode_images, report)
+    for task in spec.control:
+        check_split(spec, task, "eval", decode_images, report)
     return report
 
 

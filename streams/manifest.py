@@ -9,6 +9,8 @@
         templates: ["a photo of the digit {}."]
         train: {shards: ["train/digits-0-1-{000000..000001}.tar"], samples: 288}
         eval:  {shards: ["eval/digits-0-1-000000.tar"], samples: 72}
+    control:                       # optional: held-out sets never trained on, scored after every task
+      - {name: held-out, kind: classification, classes: [...], eval: {shards: [...]}}
 
 Shard entries are local paths (relative to the manifest's folder), globs, brace patterns, or
 fsspec URLs (s3://, gs://, http://...). Shards are webdataset tars as img2dataset writes them:
@@ -44,7 +46,7 @@ class TaskSpec(BaseModel):
     kind: Literal["classification", "retrieval"]
     classes: list[str] = Field(default_factory=list, description="class names; label i means classes[i]")
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], description="prompt templates with {}")
-    train: ShardSet
+    train: ShardSet | None = Field(None, description="training shards (required for tasks, absent for control sets)")
     eval: ShardSet
 
     @model_validator(mode="after")
@@ -63,11 +65,17 @@ class StreamSpec(BaseModel):
     eval_classifier: Literal["task", "stream"] = Field(
         "task", description="zero-shot over the task's own classes (task) or all classes of the stream (stream)")
     tasks: list[TaskSpec] = Field(min_length=1)
+    control: list[TaskSpec] = Field(
+        default_factory=list, description="held-out sets never trained on, evaluated after every task (retention)")
     root: str = Field("", description="folder relative shard paths resolve against (set by load_stream)")
 
     @model_validator(mode="after")
     def _unique_task_names(self):
-        names = [t.name for t in self.tasks]
+        untrainable = [t.name for t in self.tasks if t.train is None]
+        if untrainable:
+            raise ValueError(f"tasks {untrainable} have no `train` shards; a set that is only evaluated belongs "
+                             f"under `control:`")
+        names = [t.name for t in self.tasks + self.control]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"task names must be unique; repeated: {dupes}")

@@ -53,3 +53,15 @@ def test_no_forgetting_when_scores_never_drop():
 def test_rejects_malformed_matrix():
     with pytest.raises(ValueError, match="shape"):
         metrics.as_matrix([[0.1, 0.2], [0.1, 0.2], [0.1, 0.2], [0.1, 0.2]])
+
+
+def test_control_retention_is_the_share_of_the_start_score_left():
+    from orchestrator.metrics import summarize_control
+
+    control = [[0.50, 0.20, 0.0],   # before training; the third set starts at 0 and is left out
+               [0.40, 0.20, 0.1],
+               [0.25, 0.30, 0.3]]
+    metrics = summarize_control(control)
+    assert metrics["cl/control"] == pytest.approx((0.25 + 0.30 + 0.3) / 3)
+    assert metrics["cl/control_retention"] == pytest.approx((0.25 / 0.50 + 0.30 / 0.20) / 2)
+    assert summarize_control([[], []]) == {}

@@ -12,9 +12,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def three_task_manifest(digits_manifest):
-    """The first three digit tasks, beside the built-in manifest so shard paths stay valid."""
+    """The first three digit tasks, beside the built-in manifest so shard paths stay valid, and the
+    6-vs-7 eval set as a control set that is never trained on."""
     spec = load_stream(digits_manifest)
-    small = spec.model_copy(update={"name": "digits3", "tasks": spec.tasks[:3]})
+    control = spec.tasks[3].model_copy(update={"name": "held-out-6-7", "train": None})
+    small = spec.model_copy(update={"name": "digits3", "tasks": spec.tasks[:3], "control": [control]})
     return str(write_manifest(small, digits_manifest.parent / "digits3.yaml"))
 
 
@@ -70,6 +72,14 @@ def test_crash_then_resume_equals_uninterrupted_run(ray_session, tmp_path, three
     flat = lambda matrix: [v for row in matrix for v in row]  # noqa: E731
     assert flat(resumed.matrix) == pytest.approx(flat(reference.matrix), abs=1e-6)
     assert resumed.run_id != reference.run_id
+
+    # The control set is scored before training and after every task, and resumes like the matrix.
+    assert reference.control_tasks == ["held-out-6-7"]
+    assert len(reference.control_matrix) == 4 and all(len(row) == 1 for row in reference.control_matrix)
+    assert flat(resumed.control_matrix) == pytest.approx(flat(reference.control_matrix), abs=1e-6)
+    start, end = reference.control_matrix[0][0], reference.control_matrix[-1][0]
+    assert reference.summary["cl/control"] == pytest.approx(end)
+    assert reference.summary["cl/control_retention"] == pytest.approx(end / start)
 
 
 def test_worker_failure_recovers_from_last_task_checkpoint(ray_session, tmp_path, three_task_manifest, monkeypatch):
