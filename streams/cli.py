@@ -9,6 +9,24 @@ from __future__ import annotations
 import argparse
 
 
+SUBSET_HELP = "0 = all"
+RECIPE_COMMANDS = [
+    ("split-fmnist", "Fashion-MNIST, 5 class-incremental tasks of 2 classes (needs dataset-fashion-mnist)",
+     [("train_per_class", 1000, "train images per class, the first of the train file"),
+      ("eval_per_class", 200, "eval images per class, the first of the test file")]),
+    ("mini-mtil", "Fashion-MNIST -> digits -> 3 emoji categories -> Tux Paint retrieval, with an emoji line-art "
+                  "control set (needs the sources of streams/install_sources.sh)",
+     [("train_per_class", 300, "Fashion-MNIST and digits train images per class (digits: at most 400)"),
+      ("eval_per_class", 100, "Fashion-MNIST and digits eval images per class (digits: at most 100)"),
+      ("emoji_per_task", 0, f"emoji concepts per emoji task, in emoji order ({SUBSET_HELP})"),
+      ("stamps_per_category", 0, f"Tux Paint stamps per category, in path order ({SUBSET_HELP})")]),
+    ("offline-pretrain", "image-caption pairs for a LiT alignment stage, disjoint from mini-mtil (emoji of other "
+                         "categories, other Tux Paint stamps)",
+     [("emoji_per_category", 0, f"emoji concepts per emoji category ({SUBSET_HELP})"),
+      ("stamps_per_category", 0, f"Tux Paint stamps per category ({SUBSET_HELP})")]),
+]
+
+
 def add_streams_commands(subparsers) -> argparse.ArgumentParser:
     streams = subparsers.add_parser("streams", help="build and check streams (tasks as webdataset shards)")
     commands = streams.add_subparsers(dest="streams_command", required=True)
@@ -19,6 +37,19 @@ def add_streams_commands(subparsers) -> argparse.ArgumentParser:
     digits = sources.add_parser("digits", help="the built-in digits stream (scikit-learn, no download)")
     digits.add_argument("--data-root", help="where built-in streams live (default $VLCL_DATA_DIR or ~/.cache/vlcl)")
     digits.set_defaults(func=run_build_digits)
+
+    # Recipes over packaged offline data (streams/recipes.py). Their option lists are static here so
+    # `vlcl --help` need not import PIL or numpy; tests/test_streams_recipes.py checks they match.
+    for name, summary, options in RECIPE_COMMANDS:
+        recipe = sources.add_parser(name, help=summary)
+        recipe.add_argument("--out", help="folder for the shards and manifest.yaml (default: the data root, "
+                                          "as builtin:%s uses it; only with default options)" % name)
+        recipe.add_argument("--data-root", help="where built-in streams live (default $VLCL_DATA_DIR or ~/.cache/vlcl)")
+        recipe.add_argument("--overwrite", action="store_true", help="replace a stream already in --out")
+        for option, default, help_text in options:
+            recipe.add_argument(f"--{option.replace('_', '-')}", dest=option, type=int, default=default,
+                                help=f"{help_text} (default {default})")
+        recipe.set_defaults(func=run_build_recipe, recipe=name, recipe_options=[o[0] for o in options])
 
     def common(parser):
         parser.add_argument("--out", required=True, help="folder for the shards and manifest.yaml")
@@ -69,6 +100,31 @@ def run_build_digits(args) -> int:
     from streams.builtin import materialize_builtin
 
     print(materialize_builtin("digits", args.data_root))
+    return 0
+
+
+def run_build_recipe(args) -> int:
+    import time
+
+    from streams.recipes import RECIPES, build_recipe, describe_build
+
+    options = {o: getattr(args, o) for o in args.recipe_options}
+    started = time.perf_counter()
+    if args.out is None:
+        defaults = RECIPES[args.recipe].options
+        changed = sorted(o for o, v in options.items() if v != defaults[o])
+        if changed:
+            from streams.errors import SourceError
+
+            raise SourceError(f"options {', '.join('--' + o.replace('_', '-') for o in changed)} differ from the "
+                              f"defaults, so the stream cannot live at builtin:{args.recipe}; give --out DIR")
+        from streams.builtin import materialize_builtin
+
+        manifest = materialize_builtin(args.recipe, args.data_root)
+    else:
+        manifest = build_recipe(args.recipe, args.out, overwrite=args.overwrite, **options)
+    print("\n".join(describe_build(manifest)))
+    print(f"{manifest} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 

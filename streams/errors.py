@@ -15,3 +15,7 @@ class ShardError(StreamError):
 
 class SourceError(StreamError):
     """The input to a stream converter (image folder, table, existing shards) has a problem."""
+
+
+class MissingSourceError(SourceError):
+    """A packaged data source a stream recipe reads (Debian or npm package, rsvg-convert) is not installed."""

@@ -46,7 +46,10 @@ def test_truncated_shard_is_named_with_the_cut_sample(stream_copy):
     shard = stream_copy.shard_urls(stream_copy.tasks[0].train)[0]
     data = open(shard, "rb").read()
     keys = [key for key, _ in read_shard_samples(shard)]
-    open(shard, "wb").write(data[: len(data) // 2 + 700])  # cut inside a member
+    with tarfile.open(shard) as archive:
+        members = archive.getmembers()
+    cut_member = next(m for m in members[len(members) // 2:] if m.name.endswith(".png"))
+    open(shard, "wb").write(data[: cut_member.offset_data + cut_member.size // 2])  # cut inside a member
     report = check_stream(stream_copy)
     [problem] = [p for p in report.problems if p.key is not None]
     assert problem.shard == shard and problem.key in keys and "truncated" in problem.message
