@@ -85,7 +85,8 @@ class TrackingConfig(_Section):
 
 
 class RunConfig(_Section):
-    stream: str = Field("builtin:digits", description="stream manifest path, or builtin:digits")
+    stream: str = Field("builtin:digits", description="stream manifest path, or builtin:<name> (digits; with `make sources`: "
+                        "split-fmnist, mini-mtil, offline-pretrain)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -139,7 +139,9 @@ class CheckReport:
         return not self.problems
 
     def summary_lines(self) -> list[str]:
-        lines = [f"stream {self.stream}: {len(self.splits) // 2} tasks"]
+        tasks = {s.task for s in self.splits if s.split == "train"}
+        controls = {s.task for s in self.splits} - tasks
+        lines = [f"stream {self.stream}: {len(tasks)} tasks" + (f", {len(controls)} control sets" if controls else "")]
         for s in self.splits:
             expected = "" if s.expected_samples is None else f" (manifest: {s.expected_samples})"
             lines.append(f"  {s.task}/{s.split}: {s.shards} shards, {s.samples} samples{expected}")

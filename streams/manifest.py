@@ -133,8 +133,10 @@ def load_stream(source: str | os.PathLike, data_root: str | os.PathLike | None =
         source = str(materialize_builtin(source[len(BUILTIN_PREFIX):], data_root))
     path = Path(source)
     if not path.is_file():
+        from streams.builtin import builtin_streams
+
         raise ManifestError(f"stream manifest {source} does not exist; give a manifest YAML path or one of "
-                            f"builtin:digits")
+                            + ", ".join(f"builtin:{name}" for name in sorted(builtin_streams())))
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
