@@ -10,7 +10,7 @@ the only difference is which trials are cut short. Printed:
   task) and whether ASHA's best is the grid's best or within one point (0.01) of it, judged by the
   grid's own final objective for that configuration.
 
-    .venv/bin/python bench/sweep_efficiency.py                 # 3 tasks, 8 configurations
+    .venv/bin/python bench/sweep_efficiency.py                 # 3 tasks, 8 configurations, 30 steps per task
     .venv/bin/python bench/sweep_efficiency.py --tasks 5 --steps 20
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def compare(grid, asha) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=3, help="first N tasks of the digits stream")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per task")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per task")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-6, 1e-4, 1e-3, 3e-3])
     parser.add_argument("--label-smoothing", type=float, nargs="+", default=[0.0, 0.2])
     parser.add_argument("--forgetting-bound", type=float, default=0.3)
