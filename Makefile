@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vlcl-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test test-fast bench sources clean
+.PHONY: venv demo test test-fast bench sources offline-benchmark clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,10 @@ sources:
 
 bench: venv
 	$(PY) bench/sweep_efficiency.py
+
+## methods on mini-mtil from the LiT-aligned EffLite0-MiniLM start (makes the start on first use)
+offline-benchmark: venv sources
+	$(PY) bench/offline_benchmark.py
 
 clean:
 	rm -rf vlcl_runs mlruns mlflow.db

@@ -56,3 +56,21 @@ def test_throughput_prints_both_loops_and_their_ratio(ray_session, tmp_path, cap
     assert result["flops_per_image"] > 0
     # The vlcl number is the trainer's MLflow metric, read back from the store in the work dir.
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "stream" / "manifest.yaml").is_file()
+
+
+def test_offline_benchmark_table_has_the_start_row_and_each_method():
+    import offline_benchmark
+
+    from orchestrator.trainer import SequenceResult
+
+    start = [0.30, 0.20]
+    result = SequenceResult(run_id="r", experiment_id="e", tasks=["a", "b"],
+                            matrix=[start, [0.9, 0.25], [0.5, 0.8]],
+                            summary={"cl/transfer": 0.25, "cl/avg": 0.6125, "cl/last": 0.65, "cl/bwt": -0.4,
+                                     "cl/forgetting": 0.4, "cl/control": 0.3, "cl/control_retention": 0.75},
+                            wall_seconds=12.0, control_tasks=["held-out"], control_matrix=[[0.4], [0.35], [0.3]])
+    table = offline_benchmark.markdown_table(result.tasks, start, result.control_tasks, [0.4], [("finetune", result)])
+    lines = table.splitlines()
+    assert lines[2] == "| finetune | 25.0 | 61.3 | 65.0 | -40.0 | 40.0 | 30.0 | 0.75 | 12 |"
+    assert "| pretrained start (zero-shot) | 30.0 | 20.0 | 40.0 |" in lines
+    assert "| finetune (after all) | 50.0 | 80.0 | 30.0 |" in lines
