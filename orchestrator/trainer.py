@@ -163,17 +163,21 @@ def build_datasets(config: RunConfig, stream, image_size: int):
     datasets, planned = {}, []
     workers = config.train.num_workers
     local_batch = config.train.batch_size // workers
+
+    def split_dataset(shard_set, classes: list[str], is_eval: bool):
+        dataset = task_dataset(stream.shard_urls(shard_set), image_size, factory, classes, train=False,
+                               on_bad_sample=config.data.on_bad_sample, skip_counter=skip_counter,
+                               decoders=config.data.decoders).select_columns(["pixels", "text", "label"])
+        if is_eval and config.data.eval_max_samples:
+            dataset = dataset.limit(config.data.eval_max_samples)
+        size = (shard_set.samples or 0) * image_size * image_size * 3
+        if config.data.cache == "always" or (config.data.cache == "auto" and 0 < size < CACHE_LIMIT_BYTES):
+            dataset = dataset.materialize()
+        return dataset
+
     for index, task in enumerate(stream.tasks):
-        for split, shard_set in (("train", task.train), ("eval", task.eval)):
-            dataset = task_dataset(stream.shard_urls(shard_set), image_size, factory, task.classes, train=False,
-                                   on_bad_sample=config.data.on_bad_sample, skip_counter=skip_counter,
-                                   decoders=config.data.decoders).select_columns(["pixels", "text", "label"])
-            if split == "eval" and config.data.eval_max_samples:
-                dataset = dataset.limit(config.data.eval_max_samples)
-            size = (shard_set.samples or 0) * image_size * image_size * 3
-            if config.data.cache == "always" or (config.data.cache == "auto" and 0 < size < CACHE_LIMIT_BYTES):
-                dataset = dataset.materialize()
-            datasets[f"{split}_{index}"] = dataset
+        datasets[f"train_{index}"] = split_dataset(task.train, task.classes, is_eval=False)
+        datasets[f"eval_{index}"] = split_dataset(task.eval, task.classes, is_eval=True)
         rows = datasets[f"train_{index}"].count()
         steps_per_epoch = (rows // workers) // local_batch
         if steps_per_epoch == 0:
@@ -183,16 +187,8 @@ def build_datasets(config: RunConfig, stream, image_size: int):
         if config.train.max_steps_per_task:
             steps = min(steps, config.train.max_steps_per_task)
         planned.append(steps)
-    for index, task in enumerate(stream.control):
-        dataset = task_dataset(stream.shard_urls(task.eval), image_size, factory, task.classes, train=False,
-                               on_bad_sample=config.data.on_bad_sample, skip_counter=skip_counter,
-                               decoders=config.data.decoders).select_columns(["pixels", "text", "label"])
-        if config.data.eval_max_samples:
-            dataset = dataset.limit(config.data.eval_max_samples)
-        size = (task.eval.samples or 0) * image_size * image_size * 3
-        if config.data.cache == "always" or (config.data.cache == "auto" and 0 < size < CACHE_LIMIT_BYTES):
-            dataset = dataset.materialize()
-        datasets[f"control_{index}"] = dataset
+    for index, task in enumerate(stream.control):  # evaluated only, never trained
+        datasets[f"control_{index}"] = split_dataset(task.eval, task.classes, is_eval=True)
     return datasets, skip_counter, planned
 
 
