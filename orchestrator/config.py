@@ -65,7 +65,8 @@ class DataConfig(_Section):
     decoders: int = Field(1, ge=1, description="Ray Data actors decoding images per dataset")
     cache: Literal["auto", "always", "never"] = Field(
         "auto", description="materialise decoded tasks in the object store (auto: when a task is small)")
-    eval_max_samples: int | None = Field(None, ge=1, description="evaluate at most this many samples per task")
+    eval_max_samples: int | None = Field(None, ge=1, description="evaluate at most this many samples per task, "
+                                         "drawn evenly from the whole eval split (seeded)")
     reference: str | None = Field(None, description="stream manifest of reference image-text pairs for methods that "
                                   "distil on reference data (zscl); never the training stream")
     reference_samples: int = Field(512, ge=1, description="reference pairs loaded from data.reference")

@@ -169,7 +169,7 @@ def build_datasets(config: RunConfig, stream, image_size: int):
                                on_bad_sample=config.data.on_bad_sample, skip_counter=skip_counter,
                                decoders=config.data.decoders).select_columns(["pixels", "text", "label"])
         if is_eval and config.data.eval_max_samples:
-            dataset = dataset.limit(config.data.eval_max_samples)
+            dataset = capped_eval_dataset(dataset, shard_set.samples, config.data.eval_max_samples)
         size = (shard_set.samples or 0) * image_size * image_size * 3
         if config.data.cache == "always" or (config.data.cache == "auto" and 0 < size < CACHE_LIMIT_BYTES):
             dataset = dataset.materialize()
@@ -190,6 +190,19 @@ def build_datasets(config: RunConfig, stream, image_size: int):
     for index, task in enumerate(stream.control):  # evaluated only, never trained
         datasets[f"control_{index}"] = split_dataset(task.eval, task.classes, is_eval=True)
     return datasets, skip_counter, planned
+
+
+def capped_eval_dataset(dataset, total: int | None, cap: int):
+    """At most `cap` rows drawn evenly from the whole split, the same rows in every run.
+
+    A plain prefix would be wrong: eval shards are often written class by class, so the first rows
+    would cover only the first classes. Each row is kept with probability cap/total, then the result
+    is cut at `cap`. The seed is fixed, not the run's: runs with different seeds are scored on the
+    same rows, so their numbers compare."""
+    total = total or dataset.count()  # manifests written by vlcl record it; others pay one read
+    if total <= cap:
+        return dataset
+    return dataset.random_sample(cap / total, seed=0).limit(cap)
 
 
 def load_reference(config: RunConfig, image_size: int):

@@ -101,3 +101,16 @@ def test_skip_without_a_counter_is_refused():
 
     with pytest.raises(ValueError, match="needs a skip_counter"):
         task_dataset(["x.tar"], 32, tokenizer_factory(), [], train=False, on_bad_sample="skip")
+
+
+def test_capped_eval_set_spans_every_class_and_is_the_same_each_run(ray_session):
+    from orchestrator.trainer import capped_eval_dataset
+
+    # written class by class, as eval shards usually are: a prefix of 200 would hold classes 0 and 1 only
+    rows = ray_session.data.from_items([{"id": i, "label": i // 100} for i in range(1000)], override_num_blocks=4)
+    first = capped_eval_dataset(rows, 1000, 200).take_all()
+    again = capped_eval_dataset(rows, None, 200).take_all()  # total unknown: counted
+    assert [r["id"] for r in first] == [r["id"] for r in again]
+    assert 150 <= len(first) <= 200
+    assert {r["label"] for r in first} == set(range(10))
+    assert capped_eval_dataset(rows, 1000, 1000) is rows
