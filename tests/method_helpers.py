@@ -105,3 +105,59 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+GLOBAL_BATCH = 8
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str, model_state: dict, cases: list, run_case) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        half = GLOBAL_BATCH // 2
+        results = {}
+        for name, kind, _ in cases:
+            losses, grads = run_case(name, kind, slice(rank * half, (rank + 1) * half), model_state)
+            for g in grads.values():
+                dist.all_reduce(g)
+                g /= 2
+            results[f"{name}-{kind}"] = {"losses": losses, "grads": grads}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_two_workers_match_one_process(tmp_path, cases: list, run_case) -> None:
+    """Two gloo processes, each on half of the global batch, against one process on the whole batch.
+
+    `cases` are (method name, task kind, local terms); `run_case(name, kind, rows, model_state)` runs
+    one step on `rows` of the fixed global batch and returns (loss terms, gradients). A local term is a
+    mean over a worker's rows, so its global value is the mean over workers (and so is the total loss
+    when any term is local); every other term must already be the whole-batch value on each worker.
+    Averaged gradients must equal the whole-batch gradients either way."""
+    import torch.multiprocessing as mp
+
+    model, _ = tiny_clip()
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), model_state, cases, run_case), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, kind, local_terms in cases:
+        key = f"{name}-{kind}"
+        expected_losses, expected_grads = run_case(name, kind, slice(0, GLOBAL_BATCH), model_state)
+        for term, value in expected_losses.items():
+            per_rank = [r[key]["losses"][term] for r in ranks]
+            if term in local_terms or (term == "loss" and local_terms):
+                got = (per_rank[0] + per_rank[1]) / 2
+            else:
+                assert torch.allclose(per_rank[0], per_rank[1], rtol=1e-5, atol=1e-6), (key, term)
+                got = per_rank[0]
+            assert torch.allclose(got, value, rtol=1e-4, atol=1e-6), (key, term, got, value)
+        got_grads = ranks[0][key]["grads"]
+        assert got_grads.keys() == expected_grads.keys()
+        for n, g in expected_grads.items():
+            assert torch.allclose(got_grads[n], g, rtol=1e-3, atol=1e-6), (key, n)

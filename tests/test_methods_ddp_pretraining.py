@@ -3,16 +3,12 @@ and averaged gradients of one process on the whole batch (second task, so teache
 contrast, topology and distillation are all active)."""
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from method_helpers import classification_task, random_batch, retrieval_task, tiny_clip, free_port
+from method_helpers import (GLOBAL_BATCH, assert_two_workers_match_one_process, classification_task, random_batch,
+                            retrieval_task, tiny_clip)
 from methods import METHODS
 
-GLOBAL_BATCH = 8
 # name, task kind, terms that are means over local rows (global value = mean over workers)
 CASES = [("ctp", "retrieval", ("momentum_contrast", "topology_cross", "topology_intra")),
          ("inc_clip", "retrieval", ("distill",)),
@@ -44,42 +40,5 @@ def _run_case(name: str, kind: str, rows: slice, model_state: dict):
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
-def _worker(rank: int, port: int, out_dir: str, model_state: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        half = GLOBAL_BATCH // 2
-        results = {}
-        for name, kind, _ in CASES:
-            losses, grads = _run_case(name, kind, slice(rank * half, (rank + 1) * half), model_state)
-            for g in grads.values():
-                dist.all_reduce(g)
-                g /= 2
-            results[f"{name}-{kind}"] = {"losses": losses, "grads": grads}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-
 def test_two_workers_on_half_batches_match_one_process_on_the_whole_batch(tmp_path):
-    model, _ = tiny_clip()
-    model_state = {k: v.clone() for k, v in model.state_dict().items()}
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), model_state), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for name, kind, local_terms in CASES:
-        key = f"{name}-{kind}"
-        expected_losses, expected_grads = _run_case(name, kind, slice(0, GLOBAL_BATCH), model_state)
-        for term, value in expected_losses.items():
-            per_rank = [r[key]["losses"][term] for r in ranks]
-            if term in local_terms or term == "loss":
-                got = (per_rank[0] + per_rank[1]) / 2
-            else:
-                assert torch.allclose(per_rank[0], per_rank[1], rtol=1e-5, atol=1e-6), (key, term)
-                got = per_rank[0]
-            assert torch.allclose(got, value, rtol=1e-4, atol=1e-6), (key, term, got, value)
-        got_grads = ranks[0][key]["grads"]
-        assert got_grads.keys() == expected_grads.keys()
-        for n, g in expected_grads.items():
-            assert torch.allclose(got_grads[n], g, rtol=1e-3, atol=1e-6), (key, n)
+    assert_two_workers_match_one_process(tmp_path, CASES, _run_case)
