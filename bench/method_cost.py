@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from step_options import add_step_options, check_step_options
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATE = "a photo of the number {}."
@@ -37,21 +38,14 @@ class MethodCost:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vlcl-tiny", help="open_clip model name or vlcl-tiny / vlcl-small")
-    parser.add_argument("--batch", type=int, default=32, help="batch size of every step")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    add_step_options(parser, steps_help="timed steps per method (after warm-up)",
+                     warmup_help="untimed steps per method before timing")
     parser.add_argument("--task-kind", choices=("classification", "retrieval"), default="classification",
                         help="classification: class-prompt CE task loss; retrieval: contrastive task loss")
     parser.add_argument("--reference-samples", type=int, default=256, help="random reference pairs for ZSCL-like methods")
     parser.add_argument("--methods", nargs="*", default=None, help="methods to measure (default: all; finetune is always added)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch")
-    if args.batch < 2 or args.steps < 1 or args.warmup < 0:
-        parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
+    check_step_options(parser, args)
     return args
 
 

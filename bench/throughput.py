@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from step_options import add_step_options, check_step_options
 
 H100_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -42,21 +43,14 @@ class Throughput:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vlcl-tiny")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of the plain loop and steps of vlcl's task")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed plain-loop steps")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    add_step_options(parser, steps_help="timed steps of the plain loop and steps of vlcl's task",
+                     warmup_help="untimed plain-loop steps")
     parser.add_argument("--samples", type=int, default=None,
                         help="training samples in the JPEG shards (default: enough for one epoch of --steps, at most 20000)")
     parser.add_argument("--decoders", type=int, default=None, help="data.decoders for vlcl (default: CPUs left after the worker)")
     parser.add_argument("--workdir", default=None, help="where shards, runs and the MLflow store go (default: a temp dir)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch")
-    if args.batch < 2 or args.steps < 1 or args.warmup < 0:
-        parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
+    check_step_options(parser, args)
     return args
 
 
