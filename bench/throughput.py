@@ -12,7 +12,7 @@ Prints img/s of both, the ratio (b)/(a), MFU of each against 989 TF/s (H100 dens
 FLOPs per image counted by FlopCounterMode over one plain step, and GPU memory on CUDA.
 
     python bench/throughput.py --model vlcl-tiny --batch 32 --steps 10 --device cpu --precision fp32
-    python bench/throughput.py --model ViT-B-32 --batch 512 --steps 100 --precision bf16
+    python bench/throughput.py --model ViT-B-32 --batch 512 --steps 100 --precision bf16 --decode cpu device
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=None,
                         help="training samples in the JPEG shards (default: enough for one epoch of --steps, at most 20000)")
     parser.add_argument("--decoders", type=int, default=None, help="data.decoders for vlcl (default: CPUs left after the worker)")
+    parser.add_argument("--decode", nargs="+", choices=("cpu", "device"), default=["cpu"],
+                        help="data.decode of the vlcl runs: one run (and one table row) per value")
     parser.add_argument("--workdir", default=None, help="where shards, runs and the MLflow store go (default: a temp dir)")
     args = parser.parse_args(argv)
     check_step_options(parser, args)
@@ -187,13 +189,14 @@ def write_jpeg_stream(root: Path, train_samples: int, eval_samples: int, image_s
     return write_manifest(StreamSpec(name="digits-jpeg", tasks=[task]), root / "manifest.yaml")
 
 
-def vlcl_training(args, manifest: Path, workdir: Path, device: torch.device) -> Throughput:
+def vlcl_training(args, manifest: Path, workdir: Path, device: torch.device, decode: str) -> Throughput:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import load_run_config
     from orchestrator.trainer import run_sequence
 
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    workdir = workdir / f"decode-{decode}"
     cpus = os.cpu_count() or 2
     decoders = args.decoders or max(1, cpus - 2)
     config = load_run_config(None, [
@@ -203,7 +206,7 @@ def vlcl_training(args, manifest: Path, workdir: Path, device: torch.device) -> 
         f"train.max_steps_per_task={args.steps}", "train.epochs_per_task=1000", "train.lr=1e-5",
         f"train.use_gpu={str(device.type == 'cuda').lower()}", "train.cpus_per_worker=1",
         f"train.log_every_steps={max(1, args.steps)}", "tracking.checkpoints=none",
-        f"data.decoders={decoders}", f"eval.batch_size={min(args.batch, 256)}",
+        f"data.decoders={decoders}", f"data.decode={decode}", f"eval.batch_size={min(args.batch, 256)}",
     ])
     with DeviceMemoryWatch(device) as watch:
         result = run_sequence(config, quiet=True)
@@ -214,18 +217,22 @@ def vlcl_training(args, manifest: Path, workdir: Path, device: torch.device) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-def format_report(args, plain: Throughput, vlcl: Throughput, flops_per_image: float) -> str:
+def format_report(args, plain: Throughput, vlcl: dict[str, Throughput], flops_per_image: float) -> str:
     def gib(value):
         return "-" if value is None else f"{value / 2**30:.2f}"
 
     lines = [f"model={args.model} batch={args.batch} precision={args.precision} device={args.device} steps={args.steps}",
              f"FLOPs per image (fwd+bwd, FlopCounterMode): {flops_per_image / 1e9:.3f} GFLOP", "",
              "| loop | img/s | MFU vs 989 TF/s | torch peak GiB | device peak GiB |", "|---|---|---|---|---|"]
-    for name, result in (("plain PyTorch (synthetic, on device)", plain), ("vlcl run (JPEG shards, Ray)", vlcl)):
+    rows = [("plain PyTorch (synthetic, on device)", plain)]
+    rows += [(f"vlcl run (JPEG shards, Ray, data.decode={decode})", result) for decode, result in vlcl.items()]
+    for name, result in rows:
         mfu = result.images_per_second * flops_per_image / H100_PEAK_FLOPS
         lines.append(f"| {name} | {result.images_per_second:.1f} | {100 * mfu:.2f}% | "
                      f"{gib(result.peak_memory_bytes)} | {gib(result.device_memory_peak_bytes)} |")
-    lines += ["", f"ratio vlcl/plain: {vlcl.images_per_second / plain.images_per_second:.3f}"]
+    lines.append("")
+    lines += [f"ratio vlcl/plain (data.decode={decode}): {result.images_per_second / plain.images_per_second:.3f}"
+              for decode, result in vlcl.items()]
     return "\n".join(lines)
 
 
@@ -243,12 +250,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vlcl-bench-")))
         manifest = write_jpeg_stream(workdir / "stream", train_samples, min(args.batch, 256), image_size)
-        vlcl = vlcl_training(args, manifest, workdir, device)
-    print(f"vlcl run: {vlcl.images_per_second:.1f} img/s", flush=True)
+        vlcl = {}
+        for decode in args.decode:
+            vlcl[decode] = vlcl_training(args, manifest, workdir, device, decode)
+            print(f"vlcl run (data.decode={decode}): {vlcl[decode].images_per_second:.1f} img/s", flush=True)
     print()
     print(format_report(args, plain, vlcl, flops_per_image), flush=True)
-    return {"plain_images_per_second": plain.images_per_second, "vlcl_images_per_second": vlcl.images_per_second,
-            "ratio": vlcl.images_per_second / plain.images_per_second, "flops_per_image": flops_per_image}
+    first = vlcl[args.decode[0]]
+    return {"plain_images_per_second": plain.images_per_second, "vlcl_images_per_second": first.images_per_second,
+            "ratio": first.images_per_second / plain.images_per_second, "flops_per_image": flops_per_image,
+            **{f"ratio_decode_{d}": r.images_per_second / plain.images_per_second for d, r in vlcl.items()}}
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ class DataConfig(_Section):
     root: str | None = Field(None, description="where built-in streams are materialised ($VLCL_DATA_DIR, ~/.cache/vlcl)")
     on_bad_sample: Literal["error", "skip"] = Field("error", description="error: stop naming shard+key; skip: drop and count")
     decoders: int = Field(1, ge=1, description="Ray Data actors decoding images per dataset")
+    decode: Literal["cpu", "device"] = Field(
+        "cpu", description="where images are decoded and resized: cpu (Ray Data actors ship uint8 pixels) or device "
+                           "(actors ship the encoded bytes; the training worker decodes each batch on its device, "
+                           "JPEG by nvjpeg on a GPU)")
     cache: Literal["auto", "always", "never"] = Field(
         "auto", description="materialise decoded tasks in the object store (auto: when a task is small)")
     eval_max_samples: int | None = Field(None, ge=1, description="evaluate at most this many samples per task, "

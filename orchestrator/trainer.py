@@ -165,9 +165,11 @@ def build_datasets(config: RunConfig, stream, image_size: int):
     local_batch = config.train.batch_size // workers
 
     def split_dataset(shard_set, classes: list[str], is_eval: bool):
+        on_device = config.data.decode == "device"
         dataset = task_dataset(stream.shard_urls(shard_set), image_size, factory, classes, train=False,
                                on_bad_sample=config.data.on_bad_sample, skip_counter=skip_counter,
-                               decoders=config.data.decoders).select_columns(["pixels", "text", "label"])
+                               decoders=config.data.decoders, ship_encoded=on_device)
+        dataset = dataset.select_columns(["encoded", "key", "text", "label"] if on_device else ["pixels", "text", "label"])
         if is_eval and config.data.eval_max_samples:
             dataset = capped_eval_dataset(dataset, shard_set.samples, config.data.eval_max_samples)
         size = (shard_set.samples or 0) * image_size * image_size * 3
@@ -356,11 +358,11 @@ def train_sequence(loop_config: dict) -> None:
         local_batch = config.train.batch_size // world
 
         def task_batches(epoch: int = 0, shard=shard, index=index):
-            for raw in shard.iter_torch_batches(
-                    batch_size=local_batch, drop_last=True,
+            for batch in device_batches(
+                    shard, config, built.image_size, device, batch_size=local_batch, drop_last=True,
                     local_shuffle_buffer_size=config.train.shuffle_buffer or None,
                     local_shuffle_seed=(seed * 1000 + index) * 1000 + epoch if config.train.shuffle_buffer else None):
-                yield _training_batch(raw, built, device, augment=config.train.augment)
+                yield _training_batch(batch, built, augment=config.train.augment)
 
         model.train()
         step, epoch, sums, counted = 0, 0, {}, 0
@@ -471,14 +473,32 @@ def _warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def _training_batch(raw: dict, built, device, augment: bool) -> dict:
+def device_batches(shard, config: RunConfig, image_size: int, device, batch_size: int, **iterate):
+    """A dataset shard's batches on `device`: uint8 `pixels` (B,3,H,W), `text` ids and `label`s,
+    wherever the images were decoded (`data.decode`). `iterate`: more iter_torch_batches options."""
+    if config.data.decode == "device":
+        from streams.image_decode import decode_batch
+
+        for raw in shard.iter_torch_batches(batch_size=batch_size, collate_fn=_encoded_columns, **iterate):
+            yield {"pixels": decode_batch(raw["encoded"], image_size, device, keys=raw["key"]),
+                   "text": raw["text"].to(device, non_blocking=True), "label": raw["label"].to(device, non_blocking=True)}
+        return
+    for raw in shard.iter_torch_batches(batch_size=batch_size, **iterate):
+        yield {"pixels": raw["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous(),
+               "text": raw["text"].to(device, non_blocking=True), "label": raw["label"].to(device, non_blocking=True)}
+
+
+def _encoded_columns(batch: dict) -> dict:
+    """iter_torch_batches' collate for `data.decode: device`: file bytes and keys stay Python objects."""
+    return {"encoded": list(batch["encoded"]), "key": [str(k) for k in batch["key"]],
+            "text": torch.as_tensor(batch["text"]), "label": torch.as_tensor(batch["label"])}
+
+
+def _training_batch(batch: dict, built, augment: bool) -> dict:
     from methods.models import normalize_pixels
 
-    pixels = raw["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-    if augment:
-        pixels = random_resized_crop(pixels)
-    return {"image": normalize_pixels(pixels, built.image_mean, built.image_std), "pixels": pixels,
-            "text": raw["text"].to(device, non_blocking=True), "label": raw["label"].to(device, non_blocking=True)}
+    pixels = random_resized_crop(batch["pixels"]) if augment else batch["pixels"]
+    return {**batch, "image": normalize_pixels(pixels, built.image_mean, built.image_std), "pixels": pixels}
 
 
 def random_resized_crop(pixels: torch.Tensor, scale=(0.9, 1.0)) -> torch.Tensor:
@@ -552,7 +572,8 @@ def evaluate_all(model, built, stream, config: RunConfig, device, autocast, rank
         evaluated = [(task, f"eval_{i}", False) for i, task in enumerate(stream.tasks)]
         evaluated += [(task, f"control_{i}", True) for i, task in enumerate(stream.control)]
         for task, dataset_name, is_control in evaluated:
-            batches = ray.train.get_dataset_shard(dataset_name).iter_torch_batches(batch_size=config.eval.batch_size)
+            batches = device_batches(ray.train.get_dataset_shard(dataset_name), config, built.image_size, device,
+                                     batch_size=config.eval.batch_size)
             if task.kind == "classification":
                 # A control set is scored over its own classes: it is never part of the stream's label space.
                 if stream.eval_classifier == "stream" and not is_control:

@@ -4,7 +4,8 @@ The only vlcl module that touches Ray Data. `read_webdataset(decoder=None)` hand
 extension plus `__key__` and `__url__` (the shard); decoding, resizing and tokenizing run in a pool
 of actors so the tokenizer is built once per actor. Pixels stay uint8 HWC: normalising (and any
 augmentation) happens on the training device, where it is cheap, and a uint8 batch is a quarter of
-a float32 one on the wire.
+a float32 one on the wire. With `ship_encoded` the actors only check and tokenize, and ship each
+image's file bytes for the training worker to decode on its device (`data.decode: device`).
 
 Bad samples either raise ShardError naming shard, key and the fix (`on_bad_sample="error"`), or
 are dropped and counted in a `SkipCounter` actor the caller reads (`on_bad_sample="skip"`).
@@ -21,6 +22,7 @@ import ray
 from PIL import Image
 
 from streams.errors import ShardError
+from streams.image_decode import decode_to_pixels
 from streams.writer import IMAGE_EXTENSIONS
 
 OUTPUT_COLUMNS = ("pixels", "text", "label", "key")
@@ -47,28 +49,20 @@ class SkipCounter:
         return list(self.examples)
 
 
-def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to `size` (bicubic), then the central `size` x `size` square, as uint8 HWC RGB."""
-    image = image.convert("RGB")
-    width, height = image.size
-    scale = size / min(width, height)
-    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    left, top = (new_width - size) // 2, (new_height - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
 def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
 
 
 class SampleDecoder:
-    """Raw webdataset columns -> `pixels` (N,H,W,3) uint8, `text` (N,L) int64, `label` (N,) int64, `key`."""
+    """Raw webdataset columns -> `pixels` (N,H,W,3) uint8, `text` (N,L) int64, `label` (N,) int64, `key`.
+
+    With `ship_encoded`, `encoded` (the image file's bytes, for decoding on the training device)
+    replaces `pixels`; the image is then only checked to be one (its header parses), not decoded."""
 
     def __init__(self, image_size: int, tokenizer_factory: Callable[[], Callable], classes: list[str],
-                 on_bad_sample: Literal["error", "skip"], skip_counter=None):
+                 on_bad_sample: Literal["error", "skip"], skip_counter=None, ship_encoded: bool = False):
         self.image_size = image_size
+        self.ship_encoded = ship_encoded
         self.tokenizer = tokenizer_factory()
         # An all-bad batch still returns (0, L) token ids, so every block has the same tensor shape.
         self.context_length = self.tokenize([""]).shape[1]
@@ -87,11 +81,14 @@ class SampleDecoder:
         encoded = next((row[ext] for ext in IMAGE_EXTENSIONS if _present(row.get(ext))), None)
         if encoded is None:
             raise ValueError(f"no image ({'/'.join(IMAGE_EXTENSIONS)})")
-        try:
-            with Image.open(io.BytesIO(encoded)) as image:
-                pixels = resize_center_crop(image, self.image_size)
-        except (OSError, ValueError, SyntaxError) as err:
-            raise ValueError(f"image does not decode ({type(err).__name__}: {err})") from None
+        if self.ship_encoded:
+            try:
+                Image.open(io.BytesIO(encoded)).close()  # reads the header only
+            except (OSError, ValueError, SyntaxError) as err:
+                raise ValueError(f"not an image ({type(err).__name__}: {err})") from None
+            pixels = bytes(encoded)
+        else:
+            pixels = decode_to_pixels(encoded, self.image_size)
         caption = row.get("txt")
         if not _present(caption):
             raise ValueError("no caption (.txt)")
@@ -142,17 +139,20 @@ class SampleDecoder:
             ray.get(self.skip_counter.add.remote(skipped))
         if not pixels:
             size = self.image_size
-            return {"pixels": np.zeros((0, size, size, 3), np.uint8),
-                    "text": np.zeros((0, self.context_length), np.int64),
+            images = ({"encoded": np.array([], dtype=object)} if self.ship_encoded
+                      else {"pixels": np.zeros((0, size, size, 3), np.uint8)})
+            return {**images, "text": np.zeros((0, self.context_length), np.int64),
                     "label": np.zeros(0, np.int64), "key": np.array([], dtype=object)}
-        return {"pixels": np.stack(pixels), "text": self.tokenize(captions), "label": np.asarray(labels, np.int64),
+        images = ({"encoded": np.array(pixels, dtype=object)} if self.ship_encoded
+                  else {"pixels": np.stack(pixels)})
+        return {**images, "text": self.tokenize(captions), "label": np.asarray(labels, np.int64),
                 "key": np.asarray(keys, dtype=object)}
 
 
 def task_dataset(urls: list[str], image_size: int, tokenizer_factory: Callable[[], Callable], classes: list[str],
                  train: bool, on_bad_sample: Literal["error", "skip"] = "error", skip_counter=None,
                  decoders: int = 1, decoder_cpus: float = 1.0, batch_size: int = 256,
-                 filesystem=None) -> "ray.data.Dataset":
+                 filesystem=None, ship_encoded: bool = False) -> "ray.data.Dataset":
     """A lazy dataset over one task split's shards.
 
     `urls`: local paths or fsspec/pyarrow URLs (s3://, gs://, file://...), as `StreamSpec.shard_urls`
@@ -160,7 +160,9 @@ def task_dataset(urls: list[str], image_size: int, tokenizer_factory: Callable[[
     picklable zero-argument callable returning a tokenizer (list of str -> (N, L) ids). `train`
     shuffles the order of the shards; shuffle rows with the iterator's local shuffle buffer.
     `decoders` is the number of decoding actors (each holds one tokenizer), each reserving
-    `decoder_cpus` CPUs (lower it where training workers need the cores).
+    `decoder_cpus` CPUs (lower it where training workers need the cores). `ship_encoded`: rows carry
+    the encoded image (`encoded`) instead of `pixels`, for `streams.image_decode.decode_batch` on the
+    training device.
     """
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -175,7 +177,7 @@ def task_dataset(urls: list[str], image_size: int, tokenizer_factory: Callable[[
         SampleDecoder,
         fn_constructor_kwargs={"image_size": image_size, "tokenizer_factory": tokenizer_factory,
                                "classes": list(classes), "on_bad_sample": on_bad_sample,
-                               "skip_counter": skip_counter},
+                               "skip_counter": skip_counter, "ship_encoded": ship_encoded},
         batch_format="pandas",
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=decoders),

@@ -49,7 +49,7 @@ def test_throughput_prints_both_loops_and_their_ratio(ray_session, tmp_path, cap
     out = capsys.readouterr().out
     plain = re.search(rf"\| plain PyTorch [^|]*\| {NUMBER} \| {NUMBER}% \|", out)
     vlcl = re.search(rf"\| vlcl run [^|]*\| {NUMBER} \| {NUMBER}% \|", out)
-    ratio = re.search(rf"ratio vlcl/plain: {NUMBER}", out)
+    ratio = re.search(rf"ratio vlcl/plain \(data.decode=cpu\): {NUMBER}", out)
     assert plain and vlcl and ratio, out
     assert float(plain.group(1)) > 0 and float(vlcl.group(1)) > 0
     assert float(ratio.group(1)) == pytest.approx(float(vlcl.group(1)) / float(plain.group(1)), rel=0.01)

@@ -89,3 +89,13 @@ def test_worker_failure_recovers_from_last_task_checkpoint(ray_session, tmp_path
                           quiet=True)
     assert (tmp_path / "fault-fired").exists()  # the fault really happened, and the run still finished
     assert len(result.matrix) == 4
+
+
+def test_decoding_on_the_training_device_gives_the_same_run(ray_session, tmp_path, three_task_manifest):
+    # data.decode=device ships file bytes and decodes each batch in the worker (nvjpeg on a GPU; here
+    # the CPU): the same pixels as the actors' decode, so the same matrix to the last digit.
+    steps = ["train.max_steps_per_task=8"]
+    on_actors = run_sequence(_config(tmp_path / "a", three_task_manifest, *steps), quiet=True)
+    on_device = run_sequence(_config(tmp_path / "b", three_task_manifest, *steps, "data.decode=device"), quiet=True)
+    assert on_device.matrix == on_actors.matrix
+    assert on_device.control_matrix == on_actors.control_matrix

@@ -10,7 +10,7 @@ from PIL import Image
 from streams.check import read_shard_samples
 from streams.errors import ShardError
 from streams.manifest import load_stream
-from streams.ray_reader import resize_center_crop
+from streams.image_decode import resize_center_crop
 from test_streams_check import rewrite_shard
 
 
@@ -114,3 +114,25 @@ def test_capped_eval_set_spans_every_class_and_is_the_same_each_run(ray_session)
     assert 150 <= len(first) <= 200
     assert {r["label"] for r in first} == set(range(10))
     assert capped_eval_dataset(rows, 1000, 1000) is rows
+
+
+@pytest.mark.ray
+def test_shipping_encoded_images_checks_them_and_keeps_their_bytes(ray_session, digits_manifest, tmp_path):
+    import ray
+
+    from streams.ray_reader import SkipCounter, task_dataset
+
+    spec = load_stream(digits_manifest)
+    task = spec.tasks[0]
+    shard = str(tmp_path / "broken.tar")
+    shutil.copyfile(spec.shard_urls(task.eval)[0], shard)
+    original = dict(read_shard_samples(shard))
+    bad_key = sorted(original)[3]
+    rewrite_shard(shard, lambda key, files: {**files, "png": b"not an image"} if key == bad_key else files)
+    counter = SkipCounter.remote()
+    rows = task_dataset([shard], 32, tokenizer_factory(), task.classes, train=False, on_bad_sample="skip",
+                        skip_counter=counter, decoder_cpus=0.5, ship_encoded=True).take_all()
+    assert "pixels" not in rows[0]
+    assert {r["key"]: bytes(r["encoded"]) for r in rows} == {k: f["png"] for k, f in original.items() if k != bad_key}
+    [reason] = ray.get(counter.reasons.remote())
+    assert bad_key in reason and "not an image" in reason
