@@ -349,8 +349,9 @@ def train_sequence(loop_config: dict) -> None:
                         class_names=tuple(task.classes), templates=tuple(task.templates), steps=steps)
         method.before_task(info)
         if optimizer is None or config.train.reset_optimizer_each_task:
+            # fused: one kernel for the whole update on a GPU, as the plain loop of bench/throughput.py
             optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=config.train.lr,
-                                          weight_decay=config.train.weight_decay)
+                                          weight_decay=config.train.weight_decay, fused=device.type == "cuda")
             if optimizer_state is not None and not config.train.reset_optimizer_each_task:
                 optimizer.load_state_dict(optimizer_state)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.train.warmup_steps, steps))
