@@ -57,6 +57,13 @@ def test_digits_task_reads_as_uint8_pixels_tokens_and_labels(ray_session, digits
     assert set(labels.tolist()) == {0, 1}
 
 
+def copy_first_eval_shard(spec, folder) -> str:
+    """A copy of the first task's first eval shard, to break on purpose."""
+    shard = str(folder / "broken.tar")
+    shutil.copyfile(spec.shard_urls(spec.tasks[0].eval)[0], shard)
+    return shard
+
+
 @pytest.mark.ray
 def test_bad_sample_raises_shard_error_or_is_skipped_and_counted(ray_session, digits_manifest, tmp_path):
     import ray
@@ -64,9 +71,7 @@ def test_bad_sample_raises_shard_error_or_is_skipped_and_counted(ray_session, di
     from streams.ray_reader import SkipCounter, task_dataset
 
     spec = load_stream(digits_manifest)
-    task = spec.tasks[0]
-    shard = str(tmp_path / "broken.tar")
-    shutil.copyfile(spec.shard_urls(task.eval)[0], shard)
+    task, shard = spec.tasks[0], copy_first_eval_shard(spec, tmp_path)
     keys = [key for key, _ in read_shard_samples(shard)]
     bad_key, class_only_key = keys[5], keys[6]
 
@@ -123,9 +128,7 @@ def test_shipping_encoded_images_checks_them_and_keeps_their_bytes(ray_session, 
     from streams.ray_reader import SkipCounter, task_dataset
 
     spec = load_stream(digits_manifest)
-    task = spec.tasks[0]
-    shard = str(tmp_path / "broken.tar")
-    shutil.copyfile(spec.shard_urls(task.eval)[0], shard)
+    task, shard = spec.tasks[0], copy_first_eval_shard(spec, tmp_path)
     original = dict(read_shard_samples(shard))
     bad_key = sorted(original)[3]
     rewrite_shard(shard, lambda key, files: {**files, "png": b"not an image"} if key == bad_key else files)
