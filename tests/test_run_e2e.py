@@ -91,11 +91,14 @@ def test_worker_failure_recovers_from_last_task_checkpoint(ray_session, tmp_path
     assert len(result.matrix) == 4
 
 
-def test_decoding_on_the_training_device_gives_the_same_run(ray_session, tmp_path, three_task_manifest):
+def test_decoding_on_the_training_device_gives_the_same_run(ray_session, tmp_path, digits_manifest):
     # data.decode=device ships file bytes and decodes each batch in the worker (nvjpeg on a GPU; here
     # the CPU): the same pixels as the actors' decode, so the same matrix to the last digit.
+    spec = load_stream(digits_manifest)
+    two_tasks = str(write_manifest(spec.model_copy(update={"name": "digits2", "tasks": spec.tasks[:2]}),
+                                   digits_manifest.parent / "digits2.yaml"))
     steps = ["train.max_steps_per_task=8"]
-    on_actors = run_sequence(_config(tmp_path / "a", three_task_manifest, *steps), quiet=True)
-    on_device = run_sequence(_config(tmp_path / "b", three_task_manifest, *steps, "data.decode=device"), quiet=True)
+    on_actors = run_sequence(_config(tmp_path / "a", two_tasks, *steps), quiet=True)
+    on_device = run_sequence(_config(tmp_path / "b", two_tasks, *steps, "data.decode=device"), quiet=True)
     assert on_device.matrix == on_actors.matrix
-    assert on_device.control_matrix == on_actors.control_matrix
+    assert len(on_device.matrix) == 3 and on_device.matrix[1] != on_device.matrix[0]  # it trained
