@@ -56,7 +56,8 @@ def estimate_importance(method: ContinualMethod, batches, objective: Callable[[B
     totals = [torch.zeros_like(p) for p in params]
     count = 0
     was_training = method.model.training
-    method.model.train()
+    if not was_training:  # in the training loop: keep its modes (frozen BatchNorm stays frozen)
+        method.model.train()
     try:
         for batch in batches:
             grads = torch.autograd.grad(objective(batch), params, allow_unused=True)
@@ -67,7 +68,8 @@ def estimate_importance(method: ContinualMethod, batches, objective: Callable[[B
             if limit and count >= limit:
                 break
     finally:
-        method.model.train(was_training)
+        if not was_training:
+            method.model.eval()
     if count == 0:
         raise ImportanceError(f"{method.name}: no batches to estimate parameter importance on; pass the task's "
                               f"training batches to after_task(task, batches)")

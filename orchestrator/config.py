@@ -54,6 +54,8 @@ class TrainConfig(_Section):
     use_gpu: bool | Literal["auto"] = Field("auto", description="one GPU per worker; auto = when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker")
     augment: bool = Field(False, description="random resized crop (scale 0.9-1) on the training device")
+    freeze_batchnorm: bool = Field(True, description="keep BatchNorm layers (conv image towers) in eval mode while "
+                                   "training: pretrained running statistics, never updated")
     shuffle_buffer: int = Field(1024, ge=0, description="rows in the seeded local shuffle buffer (0 = no shuffling)")
     log_every_steps: int = Field(10, ge=1, description="log training losses every N optimizer steps")
     max_failures: int = Field(0, ge=-1, description="worker failures to recover from (restarts at the last finished task)")

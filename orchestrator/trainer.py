@@ -280,7 +280,7 @@ def train_sequence(loop_config: dict) -> None:
     import ray.train.torch
 
     from methods import TaskInfo, get_method
-    from methods.models import build_model
+    from methods.models import build_model, set_train_mode
     from orchestrator.tracking import RunLogger
     from streams.manifest import load_stream
 
@@ -365,7 +365,7 @@ def train_sequence(loop_config: dict) -> None:
                     local_shuffle_seed=(seed * 1000 + index) * 1000 + epoch if config.train.shuffle_buffer else None):
                 yield _training_batch(batch, built, augment=config.train.augment)
 
-        model.train()
+        set_train_mode(model, config.train.freeze_batchnorm)
         step, epoch, sums, counted = 0, 0, {}, 0
         task_started = time.time()
         while step < steps:

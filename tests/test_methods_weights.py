@@ -130,3 +130,23 @@ def test_wc_state_round_trip_keeps_the_task_start_anchor():
     fresh.load_state_dict(through_disk(method.state_dict()))
     a, b = method.training_loss(batch), fresh.training_loss(batch)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains(freeze):
+    from methods.models import set_train_mode
+
+    torch.manual_seed(0)
+    tower = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.LazyLinear(2))
+    tower(torch.randn(2, 3, 8, 8))  # materialise the lazy layer
+    before = {k: v.clone() for k, v in tower[1].state_dict().items()}
+    set_train_mode(tower, freeze_batchnorm=freeze)
+    assert tower.training and tower[2].training          # dropout and the rest train either way
+    assert tower[1].training is not freeze
+    optimizer = torch.optim.SGD(tower.parameters(), lr=0.1)
+    tower(torch.randn(8, 3, 8, 8) * 5 + 3).square().mean().backward()
+    optimizer.step()
+    after = tower[1].state_dict()
+    statistics_kept = all(torch.equal(before[k], after[k]) for k in ("running_mean", "running_var", "num_batches_tracked"))
+    assert statistics_kept is freeze
+    assert not torch.equal(before["weight"], after["weight"])  # its affine weights learn in both cases
