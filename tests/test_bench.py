@@ -52,7 +52,12 @@ def test_throughput_prints_both_loops_and_their_ratio(ray_session, tmp_path, cap
     ratio = re.search(rf"ratio vlcl/plain \(data.decode=cpu\): {NUMBER}", out)
     assert plain and vlcl and ratio, out
     assert float(plain.group(1)) > 0 and float(vlcl.group(1)) > 0
-    assert float(ratio.group(1)) == pytest.approx(float(vlcl.group(1)) / float(plain.group(1)), rel=0.01)
+    # The table rounds img/s to one decimal, so a ratio of the printed numbers can be off by several
+    # percent at CPU speeds; the printed ratio is checked against the unrounded numbers the bench returns.
+    assert result["ratio"] == pytest.approx(result["vlcl_images_per_second"] / result["plain_images_per_second"])
+    assert float(ratio.group(1)) == pytest.approx(result["ratio"], abs=0.00051)
+    assert float(plain.group(1)) == pytest.approx(result["plain_images_per_second"], abs=0.0501)
+    assert float(vlcl.group(1)) == pytest.approx(result["vlcl_images_per_second"], abs=0.0501)
     assert result["flops_per_image"] > 0
     # The vlcl number is the trainer's MLflow metric, read back from the store in the work dir.
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "stream" / "manifest.yaml").is_file()
