@@ -10,6 +10,8 @@ communication.
 """
 from __future__ import annotations
 
+import warnings
+
 from pydantic import Field
 
 from methods.base import ContinualMethod, MethodHparams, TaskInfo
@@ -40,6 +42,13 @@ class WeightAverager:
         self.steps += 1
 
     def finish(self, model) -> None:
+        if 1 < self.steps <= self.avg_freq:
+            # Only the task-start weights and step 1's were sampled: the output would throw away
+            # nearly all of the task's training (ZSCL's avg_freq 100 assumes ~1000-step tasks).
+            warnings.warn(f"weight ensemble: the task ran {self.steps} optimizer steps, not more than avg_freq="
+                          f"{self.avg_freq}, so its output averages only the task-start weights and step 1's. "
+                          f"Set method.hparams.avg_freq to about a tenth of the task's steps "
+                          f"(here {max(1, self.steps // 10)}).", stacklevel=2)
         load_parameters_(model, self.average)
 
     def state_dict(self) -> dict:

@@ -1,40 +1,59 @@
 """Weight-space operations shared by methods (WiSE-FT, WE, WC, ZSCL, MulKI, CTP, EWC, ...).
 
-Parameters are addressed by name so a snapshot survives `load_state_dict` and device moves.
+Tensors are addressed by name so a snapshot survives `load_state_dict` and device moves.
+
+A snapshot holds the parameters *and* the floating-point buffers (BatchNorm running statistics):
+a model averaged or reset in parameters only would normalise with statistics gathered under other
+weights. With `train.freeze_batchnorm` (the default) the statistics never move and this changes
+nothing; with it off, WiSE-FT, WE and ZSCL average the statistics as the official WiSE-FT code
+does (it interpolates the whole state dict). Integer buffers (`num_batches_tracked`) are counters,
+not weights, and are left alone. The penalties (`squared_distance`) act on parameters only.
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 from torch import nn
 
 
+def _weights(model: nn.Module, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, p in model.named_parameters():
+        if p.requires_grad or not trainable_only:
+            yield name, p
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point():
+            yield name, buffer
+
+
 @torch.no_grad()
 def snapshot(model: nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
-    """Detached copies of the (trainable) parameters, keyed by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    """Detached copies of the (trainable) parameters and the floating-point buffers, keyed by name."""
+    return {n: t.detach().clone() for n, t in _weights(model, trainable_only)}
 
 
 @torch.no_grad()
 def interpolate_(model: nn.Module, anchor: dict[str, torch.Tensor], alpha: float) -> None:
-    """In place: θ ← α θ + (1 − α) θ_anchor for every parameter in `anchor` (WiSE-FT)."""
-    for n, p in model.named_parameters():
+    """In place: θ ← α θ + (1 − α) θ_anchor for every tensor in `anchor` (WiSE-FT)."""
+    for n, t in _weights(model, trainable_only=False):
         if n in anchor:
-            p.mul_(alpha).add_(anchor[n].to(p.device, p.dtype), alpha=1.0 - alpha)
+            t.mul_(alpha).add_(anchor[n].to(t.device, t.dtype), alpha=1.0 - alpha)
 
 
 @torch.no_grad()
 def running_average_(average: dict[str, torch.Tensor], model: nn.Module, count: int) -> None:
     """In place: θ̂ ← (n θ̂ + θ) / (n + 1), with n = `count` models already averaged (ZSCL's WE)."""
-    for n, p in model.named_parameters():
+    for n, t in _weights(model, trainable_only=False):
         if n in average:
-            average[n].mul_(count / (count + 1)).add_(p.detach().to(average[n].dtype), alpha=1.0 / (count + 1))
+            average[n].mul_(count / (count + 1)).add_(t.detach().to(average[n].dtype), alpha=1.0 / (count + 1))
 
 
 @torch.no_grad()
 def load_parameters_(model: nn.Module, params: dict[str, torch.Tensor]) -> None:
-    for n, p in model.named_parameters():
+    """Copy every tensor in `params` (parameters and buffers, by name) into `model`."""
+    for n, t in _weights(model, trainable_only=False):
         if n in params:
-            p.copy_(params[n])
+            t.copy_(params[n])
 
 
 def squared_distance(model: nn.Module, anchor: dict[str, torch.Tensor],

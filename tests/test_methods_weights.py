@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -101,6 +102,62 @@ def test_we_state_round_trip_resumes_the_same_average():
         m.after_task(TASK)
     assert torch.equal(model.w, restored_model.w) and torch.equal(model.b, restored_model.b)
     assert torch.allclose(model.w, torch.tensor([(1 + 3 + 6) / 3, (2 + 0 + 6) / 3]))
+
+
+def test_we_warns_when_the_task_is_too_short_for_avg_freq():
+    model = TwoWeights()
+    method = WeightEnsemble(model, tokenizer=None, avg_freq=100)
+    method.before_task(TASK)
+    for _ in range(30):
+        method.after_step()
+    with pytest.warns(UserWarning, match=r"30 optimizer steps, not more than avg_freq=100.*avg_freq.*\(here 3\)"):
+        method.after_task(TASK)
+    method.before_task(TASK)
+    for _ in range(101):  # steps 1 and 101 sampled: no warning
+        method.after_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method.after_task(TASK)
+
+
+def batchnorm_model() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model.train()  # BatchNorm updating its statistics, as with train.freeze_batchnorm=false
+    return model
+
+
+def forward_shifted(model: nn.Module, shift: float) -> None:
+    torch.manual_seed(int(shift))
+    with torch.no_grad():
+        model(torch.randn(16, 3) + shift)
+
+
+def test_wise_ft_interpolates_batchnorm_statistics_and_leaves_the_counter():
+    model = batchnorm_model()
+    forward_shifted(model, 0.0)
+    start_mean, start_var = model[1].running_mean.clone(), model[1].running_var.clone()
+    method = WiSEFT(model, tokenizer=None, alpha=0.8)
+    method.before_task(TASK)
+    forward_shifted(model, 5.0)
+    end_mean, end_var = model[1].running_mean.clone(), model[1].running_var.clone()
+    assert not torch.allclose(start_mean, end_mean)
+    method.after_task(TASK)
+    assert torch.allclose(model[1].running_mean, 0.8 * end_mean + 0.2 * start_mean)
+    assert torch.allclose(model[1].running_var, 0.8 * end_var + 0.2 * start_var)
+    assert model[1].num_batches_tracked.item() == 2
+
+
+def test_we_averages_batchnorm_statistics_with_the_weights():
+    model = batchnorm_model()
+    method = WeightEnsemble(model, tokenizer=None, avg_freq=1)
+    method.before_task(TASK)
+    seen = [model[1].running_mean.clone()]
+    for shift in (2.0, 4.0):
+        forward_shifted(model, shift)
+        method.after_step()
+        seen.append(model[1].running_mean.clone())
+    method.after_task(TASK)
+    assert torch.allclose(model[1].running_mean, torch.stack(seen).mean(0))
 
 
 def test_wc_l2_is_the_summed_squared_distance_to_task_start():
