@@ -166,13 +166,17 @@ def build_datasets(config: RunConfig, stream, image_size: int):
 
     def split_dataset(shard_set, classes: list[str], is_eval: bool):
         on_device = config.data.decode == "device"
-        dataset = task_dataset(stream.shard_urls(shard_set), image_size, factory, classes, train=False,
+        urls = stream.shard_urls(shard_set)
+        dataset = task_dataset(urls, image_size, factory, classes, train=False,
                                on_bad_sample=config.data.on_bad_sample, skip_counter=skip_counter,
                                decoders=config.data.decoders, ship_encoded=on_device)
         dataset = dataset.select_columns(["encoded", "key", "text", "label"] if on_device else ["pixels", "text", "label"])
+        fraction = 1.0
         if is_eval and config.data.eval_max_samples:
             dataset = capped_eval_dataset(dataset, shard_set.samples, config.data.eval_max_samples)
-        size = (shard_set.samples or 0) * image_size * image_size * 3
+            if shard_set.samples:
+                fraction = min(1.0, config.data.eval_max_samples / shard_set.samples)
+        size = fraction * cached_size_estimate(urls, shard_set.samples, image_size, on_device)
         if config.data.cache == "always" or (config.data.cache == "auto" and 0 < size < CACHE_LIMIT_BYTES):
             dataset = dataset.materialize()
         return dataset
@@ -474,19 +478,35 @@ def _warmup_cosine(warmup: int, total: int):
     return factor
 
 
+def cached_size_estimate(urls: list[str], samples: int | None, image_size: int, encoded: bool) -> int:
+    """Bytes a materialised split would hold in the object store (0 when unknown).
+
+    Decoded on CPU it holds uint8 pixels; with `data.decode: device` it holds the files' encoded
+    bytes, which the local shards' sizes bound (remote shards: unknown, so `auto` streams them)."""
+    from streams.manifest import is_url
+
+    if not encoded:
+        return (samples or 0) * image_size * image_size * 3
+    paths = [Path(url.removeprefix("file://")) for url in urls]
+    if any(is_url(url) or not path.is_file() for url, path in zip(urls, paths)):
+        return 0
+    return sum(path.stat().st_size for path in paths)
+
+
 def device_batches(shard, config: RunConfig, image_size: int, device, batch_size: int, **iterate):
     """A dataset shard's batches on `device`: uint8 `pixels` (B,3,H,W), `text` ids and `label`s,
     wherever the images were decoded (`data.decode`). `iterate`: more iter_torch_batches options."""
-    if config.data.decode == "device":
+    on_device = config.data.decode == "device"
+    if on_device:
         from streams.image_decode import decode_batch
-
-        for raw in shard.iter_torch_batches(batch_size=batch_size, collate_fn=_encoded_columns, **iterate):
-            yield {"pixels": decode_batch(raw["encoded"], image_size, device, keys=raw["key"]),
-                   "text": raw["text"].to(device, non_blocking=True), "label": raw["label"].to(device, non_blocking=True)}
-        return
+        iterate["collate_fn"] = _encoded_columns
     for raw in shard.iter_torch_batches(batch_size=batch_size, **iterate):
-        yield {"pixels": raw["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous(),
-               "text": raw["text"].to(device, non_blocking=True), "label": raw["label"].to(device, non_blocking=True)}
+        if on_device:
+            pixels = decode_batch(raw["encoded"], image_size, device, keys=raw["key"])
+        else:
+            pixels = raw["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+        yield {"pixels": pixels, "text": raw["text"].to(device, non_blocking=True),
+               "label": raw["label"].to(device, non_blocking=True)}
 
 
 def _encoded_columns(batch: dict) -> dict:

@@ -121,6 +121,18 @@ def test_capped_eval_set_spans_every_class_and_is_the_same_each_run(ray_session)
     assert capped_eval_dataset(rows, 1000, 1000) is rows
 
 
+def test_cache_size_estimate_counts_pixels_or_the_encoded_files(tmp_path):
+    from orchestrator.trainer import cached_size_estimate
+
+    shards = [tmp_path / "a.tar", tmp_path / "b.tar"]
+    shards[0].write_bytes(b"x" * 1000)
+    shards[1].write_bytes(b"x" * 24)
+    urls = [str(shards[0]), f"file://{shards[1]}"]
+    assert cached_size_estimate(urls, 10, 32, encoded=False) == 10 * 32 * 32 * 3
+    assert cached_size_estimate(urls, 10, 32, encoded=True) == 1024
+    assert cached_size_estimate([*urls, "s3://bucket/c.tar"], 10, 32, encoded=True) == 0  # unknown: not cached
+
+
 @pytest.mark.ray
 def test_shipping_encoded_images_checks_them_and_keeps_their_bytes(ray_session, digits_manifest, tmp_path):
     import ray
