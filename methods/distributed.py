@@ -48,6 +48,24 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def gather_ragged_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from every rank along dim 0 when ranks hold different numbers of rows (none
+    included), in rank order. Goes through pickling, so keep it for results, not training steps."""
+    if not is_distributed():
+        return x
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, x.detach().cpu())
+    filled = [p for p in parts if p.shape[0] > 0]
+    return torch.cat(filled).to(x.device) if filled else x
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from `src` to every rank (e.g. a replay memory's contents)."""
     if not is_distributed():

@@ -28,10 +28,10 @@ def class_text_embeddings(model, tokenizer, class_names: list[str], templates: l
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[dict], mean, std, device,
-                       label_map: torch.Tensor | None = None, autocast=contextlib.nullcontext,
-                       max_samples: int | None = None) -> dict[str, float]:
-    """Top-1 of argmax_c <image, class_c>. `label_map` maps task-local labels to classifier rows."""
+def zero_shot_counts(model, classifier: torch.Tensor, batches: Iterable[dict], mean, std, device,
+                     label_map: torch.Tensor | None = None, autocast=contextlib.nullcontext) -> tuple[int, int]:
+    """(correct, total) of argmax_c <image, class_c> over `batches`; (0, 0) when there are none.
+    `label_map` maps task-local labels to classifier rows. Sums over disjoint shards add up."""
     correct = total = 0
     for batch in batches:
         pixels = batch["pixels"].to(device)
@@ -43,32 +43,42 @@ def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[dict],
         predictions = (image_features.float() @ classifier.t()).argmax(dim=-1)
         correct += int((predictions == labels).sum())
         total += len(labels)
-        if max_samples and total >= max_samples:
-            break
+    return correct, total
+
+
+def accuracy_from_counts(correct: int, total: int) -> dict[str, float]:
     if total == 0:
         raise ValueError("evaluation set is empty")
-    accuracy = correct / total
-    return {"top1": accuracy, "score": accuracy, "samples": float(total)}
+    return {"top1": correct / total, "score": correct / total, "samples": float(total)}
+
+
+def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[dict], mean, std, device,
+                       label_map: torch.Tensor | None = None, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Top-1 of argmax_c <image, class_c>. `label_map` maps task-local labels to classifier rows."""
+    return accuracy_from_counts(*zero_shot_counts(model, classifier, batches, mean, std, device, label_map, autocast))
 
 
 @torch.no_grad()
-def retrieval_recalls(model, batches: Iterable[dict], mean, std, device, autocast=contextlib.nullcontext,
-                      max_samples: int | None = None) -> dict[str, float]:
-    """R@1/5/10 image->text and text->image; sample i's caption is image i's only match."""
+def retrieval_features(model, batches: Iterable[dict], mean, std, device,
+                       autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float32 (image (N, D), text (N, D)) features, row i of each from the same pair."""
     image_features, text_features = [], []
-    count = 0
     for batch in batches:
         with autocast():
             image_features.append(model.encode_image(normalize_pixels(batch["pixels"].to(device), mean, std),
                                                      normalize=True).float())
             text_features.append(model.encode_text(batch["text"].to(device), normalize=True).float())
-        count += len(batch["text"])
-        if max_samples and count >= max_samples:
-            break
-    if not image_features:
+    if not image_features:  # a worker's share of a small eval set can be empty
+        return torch.zeros(0, 0, device=device), torch.zeros(0, 0, device=device)
+    return torch.cat(image_features), torch.cat(text_features)
+
+
+def retrieval_recalls(model, batches: Iterable[dict], mean, std, device,
+                      autocast=contextlib.nullcontext) -> dict[str, float]:
+    """R@1/5/10 image->text and text->image; sample i's caption is image i's only match."""
+    images, texts = retrieval_features(model, batches, mean, std, device, autocast)
+    if images.shape[0] == 0:
         raise ValueError("evaluation set is empty")
-    images = torch.cat(image_features)[:max_samples]
-    texts = torch.cat(text_features)[:max_samples]
     return recalls_from_similarity(images @ texts.t())
 
 

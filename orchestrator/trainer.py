@@ -70,6 +70,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, parent_run_id: str 
 
     from methods.models import build_model
     from orchestrator import tracking
+    from orchestrator.data_config import ShardedEvalDataConfig
     from orchestrator.runtime import cluster_has_gpus, ensure_ray
     from streams.manifest import load_stream
 
@@ -123,7 +124,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, parent_run_id: str 
                                        failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
                                        callbacks=ray_callbacks or None),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=train_names),
+        dataset_config=ShardedEvalDataConfig(train_names, [name for name in datasets if name not in train_names]),
     )
     try:
         result = trainer.fit()
@@ -577,41 +578,52 @@ def _broadcast_parameters(model) -> None:
 
 @torch.no_grad()
 def evaluate_all(model, built, stream, config: RunConfig, device, autocast, rank: int):
-    """Rank 0 evaluates every task's eval set; the row is broadcast so all workers agree."""
+    """Every task's eval set (and the control sets), each worker scoring its own share of the rows.
+
+    Classification adds up the workers' (correct, total); retrieval gathers every worker's features
+    and ranks all pairs against all, so the scores are those of the whole eval set at any world
+    size. Every worker returns the same row."""
     import ray.train
 
-    from methods.distributed import broadcast_object
-    from orchestrator.evaluation import class_text_embeddings, retrieval_recalls, zero_shot_accuracy
+    from methods.distributed import all_reduce_sum, broadcast_object, gather_ragged_rows
+    from orchestrator.evaluation import (accuracy_from_counts, class_text_embeddings, recalls_from_similarity,
+                                         retrieval_features, zero_shot_counts)
 
-    row, control_row, details = None, None, None
-    if rank == 0:
-        model.eval()
-        row, details = [], {}
-        stream_classes = stream.stream_classes()
-        stream_classifier = None
-        control_row = []
-        evaluated = [(task, f"eval_{i}", False) for i, task in enumerate(stream.tasks)]
-        evaluated += [(task, f"control_{i}", True) for i, task in enumerate(stream.control)]
-        for task, dataset_name, is_control in evaluated:
-            batches = device_batches(ray.train.get_dataset_shard(dataset_name), config, built.image_size, device,
-                                     batch_size=config.eval.batch_size)
-            if task.kind == "classification":
-                # A control set is scored over its own classes: it is never part of the stream's label space.
-                if stream.eval_classifier == "stream" and not is_control:
-                    if stream_classifier is None:
-                        stream_classifier = class_text_embeddings(model, built.tokenizer, stream_classes,
-                                                                  task.templates, device)
-                    classifier = stream_classifier
-                    label_map = torch.tensor([stream_classes.index(c) for c in task.classes])
-                else:
-                    classifier = class_text_embeddings(model, built.tokenizer, task.classes, task.templates, device)
-                    label_map = None
-                result = zero_shot_accuracy(model, classifier, batches, built.image_mean, built.image_std, device,
-                                            label_map=label_map, autocast=autocast)
+    model.eval()
+    row, control_row, details = [], [], {}
+    stream_classes = stream.stream_classes()
+    stream_classifier = None
+    evaluated = [(task, f"eval_{i}", False) for i, task in enumerate(stream.tasks)]
+    evaluated += [(task, f"control_{i}", True) for i, task in enumerate(stream.control)]
+    for task, dataset_name, is_control in evaluated:
+        batches = device_batches(ray.train.get_dataset_shard(dataset_name), config, built.image_size, device,
+                                 batch_size=config.eval.batch_size)
+        if task.kind == "classification":
+            # A control set is scored over its own classes: it is never part of the stream's label space.
+            if stream.eval_classifier == "stream" and not is_control:
+                if stream_classifier is None:
+                    stream_classifier = class_text_embeddings(model, built.tokenizer, stream_classes,
+                                                              task.templates, device)
+                classifier = stream_classifier
+                label_map = torch.tensor([stream_classes.index(c) for c in task.classes])
             else:
-                result = retrieval_recalls(model, batches, built.image_mean, built.image_std, device, autocast=autocast)
-            details[task.name] = result
-            (control_row if is_control else row).append(result["score"])
+                classifier = class_text_embeddings(model, built.tokenizer, task.classes, task.templates, device)
+                label_map = None
+            counts = zero_shot_counts(model, classifier, batches, built.image_mean, built.image_std, device,
+                                      label_map=label_map, autocast=autocast)
+            correct, total = all_reduce_sum(torch.tensor(counts, device=device)).tolist()
+            if total == 0:
+                raise ValueError(f"the eval set of task {task.name!r} ({dataset_name}) has no readable sample")
+            result = accuracy_from_counts(correct, total)
+        else:
+            images, texts = (gather_ragged_rows(f) for f in retrieval_features(
+                model, batches, built.image_mean, built.image_std, device, autocast=autocast))
+            if images.shape[0] == 0:
+                raise ValueError(f"the eval set of task {task.name!r} ({dataset_name}) has no readable sample")
+            result = recalls_from_similarity(images @ texts.t())
+        details[task.name] = result
+        (control_row if is_control else row).append(result["score"])
+    # Rank 0's copy, so that float noise can never make workers disagree about the matrix.
     return broadcast_object((row, control_row, details))
 
 

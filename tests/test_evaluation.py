@@ -53,3 +53,42 @@ def test_class_embeddings_average_templates():
     # "a"->len1 (odd), "xa"->len2 (even): mean of the two one-hots, renormalised
     assert torch.allclose(emb[0], torch.tensor([0.7071, 0.7071]), atol=1e-4)
     assert emb.shape == (2, 2)
+
+
+def _sharded_eval_worker(rank: int, port: int, out_dir: str, features: tuple, labels) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from methods.distributed import all_reduce_sum, gather_ragged_rows
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        images, texts = features
+        share = slice(0, 5) if rank == 0 else slice(5, None)    # uneven shares, as equal=False cuts them
+        gathered = recalls_from_similarity(gather_ragged_rows(images[share]) @ gather_ragged_rows(texts[share]).t())
+        empty = gather_ragged_rows(images[:3] if rank == 0 else images[:0])  # a worker with no rows
+        counts = all_reduce_sum(torch.tensor([int(labels[share].sum()), len(labels[share])]))
+        torch.save({"recalls": gathered, "empty": empty, "counts": counts}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_scoring_uneven_shares_give_the_whole_set_scores(tmp_path):
+    import torch.multiprocessing as mp
+
+    from method_helpers import free_port
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(7, 4, generator=generator), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.8 * torch.randn(7, 4, generator=generator), dim=-1)
+    labels = torch.tensor([1, 0, 1, 1, 0, 0, 1])
+    mp.spawn(_sharded_eval_worker, args=(free_port(), str(tmp_path), (images, texts), labels), nprocs=2, join=True)
+    whole = recalls_from_similarity(images @ texts.t())
+    assert 0 < whole["r_mean"] < 1
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["recalls"] == pytest.approx(whole)
+        assert torch.equal(got["empty"], images[:3])
+        assert got["counts"].tolist() == [4, 7]

@@ -41,7 +41,9 @@ def test_retrieval_stream_runs_through_vlcl_run(method, ray_session, tux_caption
     overrides = [f"stream={tux_captions}", f"method.name={method}", "model.name=vlcl-tiny",
                  f"output_dir={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.checkpoints=none",
                  "train.batch_size=8", "train.max_steps_per_task=4", "train.lr=1e-3",
-                 "train.cpus_per_worker=0.5", "train.shuffle_buffer=16"]
+                 "train.cpus_per_worker=0.5", "train.shuffle_buffer=16",
+                 # one method on two workers: each scores its share of the pairs, R@K over all of them
+                 f"train.num_workers={2 if method == 'mulki' else 1}"]
     code = main(["run", *(arg for override in overrides for arg in ("--set", override))])
     assert code == 0, capsys.readouterr().err
 

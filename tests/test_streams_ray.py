@@ -121,6 +121,27 @@ def test_capped_eval_set_spans_every_class_and_is_the_same_each_run(ray_session)
     assert capped_eval_dataset(rows, 1000, 1000) is rows
 
 
+@pytest.mark.ray
+def test_eval_sets_are_cut_into_shares_that_hold_every_row_and_training_into_equal_ones(ray_session):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.data_config import ShardedEvalDataConfig
+
+    data = ray_session.data
+    datasets = {"train_0": data.range(101, override_num_blocks=8), "eval_0": data.range(101, override_num_blocks=8)}
+    shards = ShardedEvalDataConfig(["train_0"], ["eval_0"]).configure(datasets, 2, None, None)
+
+    def ids(name):  # the two workers read their shards at the same time, as in training
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(lambda rank: [r["id"] for r in shards[rank][name].iter_rows()], (0, 1)))
+
+    eval_ids = ids("eval_0")
+    assert sorted(eval_ids[0] + eval_ids[1]) == list(range(101))       # disjoint, and nothing dropped
+    assert eval_ids[0] and eval_ids[1]                                 # each worker scores a share
+    train_ids = ids("train_0")
+    assert len(train_ids[0]) == len(train_ids[1]) and not set(train_ids[0]) & set(train_ids[1])
+
+
 def test_cache_size_estimate_counts_pixels_or_the_encoded_files(tmp_path):
     from orchestrator.trainer import cached_size_estimate
 
