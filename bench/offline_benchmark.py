@@ -68,8 +68,13 @@ def run_config(method: str, checkpoint: Path, args, tracking_uri: str):
     ]
     from methods import get_method
 
-    if getattr(get_method(method), "needs_reference_data", False):
+    method_class = get_method(method)
+    if getattr(method_class, "needs_reference_data", False):
         overrides.append(f"data.reference={PRETRAIN_STREAM}")
+    if "avg_freq" in method_class.Hparams.model_fields:
+        # The weight ensemble samples every avg_freq steps: ZSCL's 100 is 10 samples of a ~1000-step
+        # task. At the same ratio here; the default would average the start and step 1 only.
+        overrides.append(f"method.hparams.avg_freq={max(1, args.steps // 10)}")
     return load_run_config(None, overrides + list(args.overrides))
 
 

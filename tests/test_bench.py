@@ -79,3 +79,18 @@ def test_offline_benchmark_table_has_the_start_row_and_each_method():
     assert lines[2] == "| finetune | 25.0 | 61.3 | 65.0 | -40.0 | 40.0 | 30.0 | 0.75 | 12 |"
     assert "| pretrained start (zero-shot) | 30.0 | 20.0 | 40.0 |" in lines
     assert "| finetune (after all) | 50.0 | 80.0 | 30.0 |" in lines
+
+
+def test_offline_benchmark_scales_the_weight_ensemble_to_the_task_length(tmp_path):
+    import argparse
+
+    import offline_benchmark
+
+    args = argparse.Namespace(batch_size=32, steps=30, lr=5e-5, seed=0, output_dir=str(tmp_path), experiment="x",
+                              overrides=[])
+    checkpoint = tmp_path / "start.pt"
+    zscl = offline_benchmark.run_config("zscl", checkpoint, args, "sqlite:///x.db")
+    assert zscl.method.hparams["avg_freq"] == 3 and zscl.data.reference == offline_benchmark.PRETRAIN_STREAM
+    assert "avg_freq" not in offline_benchmark.run_config("finetune", checkpoint, args, "sqlite:///x.db").method.hparams
+    args.overrides = ["method.hparams.avg_freq=7"]                     # a --set still wins
+    assert offline_benchmark.run_config("we", checkpoint, args, "sqlite:///x.db").method.hparams["avg_freq"] == 7
