@@ -21,7 +21,9 @@ Scores are percentages (classification: top-1; retrieval: the retrieval `score`)
 
 Cost: on a 2-core CPU one method takes 15-20 minutes at 30 steps/task (about 40% of it evaluating
 ~5,000 prompts and ~1,500 images seven times), so the default list is a few hours there and minutes
-on a GPU. The table is rewritten after every method, so an interrupted benchmark keeps its rows.
+on a GPU. The table is rewritten after every method, so an interrupted benchmark keeps its rows,
+and `--resume` continues it: the methods it finished are read back from MLflow, the one it was
+running resumes from its last finished task, and the rest run under the same parent run.
 """
 from __future__ import annotations
 
@@ -78,6 +80,44 @@ def run_config(method: str, checkpoint: Path, args, tracking_uri: str):
     return load_run_config(None, overrides + list(args.overrides))
 
 
+def benchmark_settings(args, checkpoint: Path) -> dict[str, str]:
+    """What must match for `--resume` to continue a benchmark (logged as the parent run's params)."""
+    return {"steps_per_task": str(args.steps), "batch_size": str(args.batch_size), "lr": str(args.lr),
+            "seed": str(args.seed), "checkpoint": str(checkpoint), "overrides": " ".join(args.overrides)}
+
+
+def unfinished_benchmark(mlflow_client, experiment_id: str, settings: dict[str, str]):
+    """The newest benchmark parent run of these settings that did not finish, or None."""
+    runs = mlflow_client.search_runs([experiment_id], "tags.`vlcl.kind` = 'benchmark'",
+                                     order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if run.info.status != "FINISHED" and all(run.data.params.get(k) == v for k, v in settings.items()):
+            return run
+    return None
+
+
+def finished_methods(mlflow_client, experiment_id: str, parent_id: str, workdir: Path) -> dict:
+    """method -> SequenceResult of the parent's child runs that FINISHED, rebuilt from MLflow."""
+    import json
+
+    from orchestrator.trainer import SequenceResult
+
+    results = {}
+    children = mlflow_client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                         order_by=["attributes.start_time ASC"])
+    for run in children:
+        if run.info.status != "FINISHED":
+            continue
+        local = mlflow_client.download_artifacts(run.info.run_id, "matrix.json", str(workdir / run.info.run_id))
+        payload = json.loads(Path(local).read_text())
+        results[run.data.tags["vlcl.method"]] = SequenceResult(
+            run_id=run.info.run_id, experiment_id=experiment_id, tasks=payload["tasks"], matrix=payload["rows"],
+            summary={k: v for k, v in run.data.metrics.items() if k.startswith("cl/")},
+            wall_seconds=(run.info.end_time - run.info.start_time) / 1000,
+            control_tasks=payload.get("control_tasks", []), control_matrix=payload.get("control_rows", []))
+    return results
+
+
 def markdown_table(tasks, start_row, control_tasks, start_control, results) -> str:
     """Per-method summary table, then the start's zero-shot row and every method's last row per task."""
     head = "| method | " + " | ".join(name for name, _ in METRICS) + " | wall s |"
@@ -109,7 +149,7 @@ def write_table(args, stream_name: str, checkpoint: Path, results) -> tuple[str,
     return header, table
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("methods", nargs="*", help=f"methods to run (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--checkpoint", type=Path,
@@ -127,12 +167,14 @@ def main() -> None:
                         help="where the Markdown table is written")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra run-config override for every method, e.g. --set train.augment=true")
-    args = parser.parse_args()
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest unfinished benchmark with the same settings in --experiment")
+    args = parser.parse_args(argv)
 
     from methods import METHODS
     from orchestrator import tracking
     from orchestrator.config import load_run_config
-    from orchestrator.trainer import run_sequence
+    from orchestrator.trainer import find_resumable, run_sequence
     from streams.builtin import default_data_root
     from streams.manifest import load_stream
 
@@ -149,21 +191,40 @@ def main() -> None:
                                   args.pretrain_steps, uri)
     experiment_id = tracking.ensure_experiment(uri, args.experiment)
     mlflow_client = tracking.client(uri)
-    name = f"offline-benchmark-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    parent = mlflow_client.create_run(experiment_id, run_name=name, tags={
-        "vlcl.kind": "benchmark", "vlcl.stream": stream.name, "vlcl.model": MODEL,
-        "mlflow.note.content": f"Offline benchmark: {', '.join(methods)} on {stream.name} from {checkpoint.name}"})
-    parent_id = parent.info.run_id
-    for key, value in {"methods": ",".join(methods), "steps_per_task": args.steps, "batch_size": args.batch_size,
-                       "lr": args.lr, "seed": args.seed, "checkpoint": str(checkpoint)}.items():
-        mlflow_client.log_param(parent_id, key, str(value))
+    settings = benchmark_settings(args, checkpoint)
+    done: dict = {}
+    if args.resume:
+        parent = unfinished_benchmark(mlflow_client, experiment_id, settings)
+        if parent is None:
+            raise SystemExit(f"--resume: no unfinished benchmark with these settings ({settings}) in experiment "
+                             f"{args.experiment!r} of {uri}; run it without --resume")
+        parent_id = parent.info.run_id
+        mlflow_client.update_run(parent_id, status="RUNNING")
+        done = finished_methods(mlflow_client, experiment_id, parent_id, Path(args.output_dir) / "resume")
+        print(f"resuming benchmark {parent.info.run_name}: finished {sorted(done) or 'nothing'}", flush=True)
+    else:
+        name = f"offline-benchmark-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+        parent_id = mlflow_client.create_run(experiment_id, run_name=name, tags={
+            "vlcl.kind": "benchmark", "vlcl.stream": stream.name, "vlcl.model": MODEL,
+            "mlflow.note.content": f"Offline benchmark: {', '.join(methods)} on {stream.name} from {checkpoint.name}",
+        }).info.run_id
+        for key, value in settings.items():
+            mlflow_client.log_param(parent_id, key, value)
+        mlflow_client.log_param(parent_id, "methods", ",".join(methods))
 
     results = []
     try:
         for method in methods:
+            if method in done:
+                results.append((method, done[method]))
+                continue
             started = time.time()
-            result = run_sequence(run_config(method, checkpoint, args, uri), parent_run_id=parent_id,
-                                  run_name_suffix="-bench", quiet=True)
+            config = run_config(method, checkpoint, args, uri)
+            # the method the interrupted benchmark was running goes on from its last finished task
+            state = args.resume and find_resumable(Path(config.output_dir),
+                                                   tracking.default_run_name(config, stream.name) + "-bench")
+            resume = bool(state) and mlflow_client.get_run(state["run_id"]).data.tags.get("mlflow.parentRunId") == parent_id
+            result = run_sequence(config, parent_run_id=parent_id, run_name_suffix="-bench", quiet=True, resume=resume)
             results.append((method, result))
             summary = ", ".join(f"{label} {100 * result.summary[key]:.1f}" for label, key in METRICS[:5]
                                 if key in result.summary)
@@ -177,6 +238,7 @@ def main() -> None:
     except BaseException:
         mlflow_client.set_terminated(parent_id, status="FAILED")
         raise
+    header, table = write_table(args, stream.name, checkpoint, results)
     first = results[0][1]
     for task, value in zip(first.tasks + first.control_tasks,
                            first.matrix[0] + (first.control_matrix[0] if first.control_matrix else [])):

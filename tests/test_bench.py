@@ -94,3 +94,46 @@ def test_offline_benchmark_scales_the_weight_ensemble_to_the_task_length(tmp_pat
     assert "avg_freq" not in offline_benchmark.run_config("finetune", checkpoint, args, "sqlite:///x.db").method.hparams
     args.overrides = ["method.hparams.avg_freq=7"]                     # a --set still wins
     assert offline_benchmark.run_config("we", checkpoint, args, "sqlite:///x.db").method.hparams["avg_freq"] == 7
+
+
+def test_offline_benchmark_resume_finds_the_unfinished_parent_and_reads_back_its_finished_methods(tmp_path):
+    import argparse
+
+    import offline_benchmark
+
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(uri, "bench")
+    args = argparse.Namespace(steps=30, batch_size=32, lr=5e-5, seed=0, overrides=["data.eval_max_samples=200"])
+    settings = offline_benchmark.benchmark_settings(args, Path("start.pt"))
+
+    def parent(status, params):
+        run = client.create_run(experiment, tags={"vlcl.kind": "benchmark"})
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+    parent("FINISHED", settings)                                                     # finished: nothing to resume
+    parent("FAILED", {**settings, "lr": "1e-05"})                                    # other settings
+    interrupted = parent("FAILED", settings)
+    assert offline_benchmark.unfinished_benchmark(client, experiment, settings).info.run_id == interrupted
+    assert offline_benchmark.unfinished_benchmark(client, experiment, {**settings, "seed": "1"}) is None
+
+    def child(method, status):
+        run = client.create_run(experiment, tags={"mlflow.parentRunId": interrupted, "vlcl.method": method})
+        client.log_dict(run.info.run_id, {"tasks": ["a", "b"], "rows": [[0.3, 0.2], [0.9, 0.1], [0.5, 0.8]],
+                                          "control_tasks": ["c"], "control_rows": [[0.4], [0.3], [0.2]]}, "matrix.json")
+        client.log_metric(run.info.run_id, "cl/bwt", -0.4)
+        client.log_metric(run.info.run_id, "train/loss", 1.0)
+        client.set_terminated(run.info.run_id, status=status)
+
+    child("finetune", "FINISHED")
+    child("zscl", "FAILED")                                                         # interrupted: runs again
+    done = offline_benchmark.finished_methods(client, experiment, interrupted, tmp_path)
+    assert set(done) == {"finetune"}
+    result = done["finetune"]
+    assert result.matrix == [[0.3, 0.2], [0.9, 0.1], [0.5, 0.8]] and result.summary == {"cl/bwt": -0.4}
+    assert result.control_tasks == ["c"] and result.control_matrix[-1] == [0.2] and result.wall_seconds >= 0
