@@ -268,8 +268,8 @@ def set_train_mode(model: nn.Module, freeze_batchnorm: bool = True) -> nn.Module
 
     Frozen, a BatchNorm layer normalises with its pretrained running statistics and never updates
     them (its affine weights still learn). Otherwise small per-device batches from one domain rewrite
-    the statistics within a few steps, and the weight-space methods (WE, ZSCL, WiSE-FT), which
-    average or reset parameters but not buffers, pair them with statistics of other weights.
+    the statistics within a few steps, away from the ones the pretrained weights were trained with
+    (the weight-space methods average or reset them with the weights: `methods.weights`).
     Measured on EffLite0-MiniLM, 30 fine-tuning steps on fashion-mnist: top-1 0.33 at the start,
     0.58 trained with BatchNorm training, 0.80 with it frozen; and with the start's parameters put
     back but the drifted statistics kept (what an unlucky weight average gives), 0.11."""

@@ -2,9 +2,9 @@
 
 Training splits are cut into equal shares (Ray's default, `equal=True`: DDP needs every worker to
 take the same number of steps, so a few rows may be dropped). Eval and control splits are cut into
-shares that together hold *every* row (`equal=False`), so each worker scores its own part and the
-trainer adds the parts up: the accuracy matrix is that of the whole eval set, computed world-size
-times faster than on one worker.
+shares that together hold *every* row (`equal=False`), so each worker scores its own part (about
+1/world of the rows) and the trainer adds the parts up: the accuracy matrix is that of the whole
+eval set.
 """
 from __future__ import annotations
 

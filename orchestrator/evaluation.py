@@ -46,9 +46,9 @@ def zero_shot_counts(model, classifier: torch.Tensor, batches: Iterable[dict], m
     return correct, total
 
 
-def accuracy_from_counts(correct: int, total: int) -> dict[str, float]:
+def accuracy_from_counts(correct: int, total: int, eval_set: str = "the evaluation set") -> dict[str, float]:
     if total == 0:
-        raise ValueError("evaluation set is empty")
+        raise ValueError(f"{eval_set} has no readable sample")
     return {"top1": correct / total, "score": correct / total, "samples": float(total)}
 
 
@@ -76,9 +76,14 @@ def retrieval_features(model, batches: Iterable[dict], mean, std, device,
 def retrieval_recalls(model, batches: Iterable[dict], mean, std, device,
                       autocast=contextlib.nullcontext) -> dict[str, float]:
     """R@1/5/10 image->text and text->image; sample i's caption is image i's only match."""
-    images, texts = retrieval_features(model, batches, mean, std, device, autocast)
+    return recalls_from_features(*retrieval_features(model, batches, mean, std, device, autocast))
+
+
+def recalls_from_features(images: torch.Tensor, texts: torch.Tensor,
+                          eval_set: str = "the evaluation set") -> dict[str, float]:
+    """R@K of (N, D) image and text features, row i of each from the same pair."""
     if images.shape[0] == 0:
-        raise ValueError("evaluation set is empty")
+        raise ValueError(f"{eval_set} has no readable sample")
     return recalls_from_similarity(images @ texts.t())
 
 

@@ -338,7 +338,7 @@ def train_sequence(loop_config: dict) -> None:
     names = [t.name for t in tasks]
     control_names = [t.name for t in stream.control]
     if not progress["matrix"]:  # before any training: the zero-shot row
-        row, control_row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast, rank)
+        row, control_row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast)
         progress["matrix"], progress["control"] = [row], [control_row]
         progress["eval_details"]["0"] = details
         if logger:
@@ -401,7 +401,7 @@ def train_sequence(loop_config: dict) -> None:
         method.after_task(info, lambda: task_batches(epoch))
         model.eval()
 
-        row, control_row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast, rank)
+        row, control_row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast)
         progress["matrix"].append(row)
         progress.setdefault("control", []).append(control_row)
         progress["eval_details"][str(index + 1)] = details
@@ -577,7 +577,7 @@ def _broadcast_parameters(model) -> None:
 
 
 @torch.no_grad()
-def evaluate_all(model, built, stream, config: RunConfig, device, autocast, rank: int):
+def evaluate_all(model, built, stream, config: RunConfig, device, autocast):
     """Every task's eval set (and the control sets), each worker scoring its own share of the rows.
 
     Classification adds up the workers' (correct, total); retrieval gathers every worker's features
@@ -586,7 +586,7 @@ def evaluate_all(model, built, stream, config: RunConfig, device, autocast, rank
     import ray.train
 
     from methods.distributed import all_reduce_sum, broadcast_object, gather_ragged_rows
-    from orchestrator.evaluation import (accuracy_from_counts, class_text_embeddings, recalls_from_similarity,
+    from orchestrator.evaluation import (accuracy_from_counts, class_text_embeddings, recalls_from_features,
                                          retrieval_features, zero_shot_counts)
 
     model.eval()
@@ -612,15 +612,11 @@ def evaluate_all(model, built, stream, config: RunConfig, device, autocast, rank
             counts = zero_shot_counts(model, classifier, batches, built.image_mean, built.image_std, device,
                                       label_map=label_map, autocast=autocast)
             correct, total = all_reduce_sum(torch.tensor(counts, device=device)).tolist()
-            if total == 0:
-                raise ValueError(f"the eval set of task {task.name!r} ({dataset_name}) has no readable sample")
-            result = accuracy_from_counts(correct, total)
+            result = accuracy_from_counts(correct, total, f"the eval set of task {task.name!r} ({dataset_name})")
         else:
             images, texts = (gather_ragged_rows(f) for f in retrieval_features(
                 model, batches, built.image_mean, built.image_std, device, autocast=autocast))
-            if images.shape[0] == 0:
-                raise ValueError(f"the eval set of task {task.name!r} ({dataset_name}) has no readable sample")
-            result = recalls_from_similarity(images @ texts.t())
+            result = recalls_from_features(images, texts, f"the eval set of task {task.name!r} ({dataset_name})")
         details[task.name] = result
         (control_row if is_control else row).append(result["score"])
     # Rank 0's copy, so that float noise can never make workers disagree about the matrix.

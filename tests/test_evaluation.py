@@ -92,3 +92,12 @@ def test_workers_scoring_uneven_shares_give_the_whole_set_scores(tmp_path):
         assert got["recalls"] == pytest.approx(whole)
         assert torch.equal(got["empty"], images[:3])
         assert got["counts"].tolist() == [4, 7]
+
+
+def test_an_empty_eval_set_is_an_error_that_names_it():
+    from orchestrator.evaluation import accuracy_from_counts, recalls_from_features
+
+    with pytest.raises(ValueError, match="the eval set of task 'cars' has no readable sample"):
+        accuracy_from_counts(0, 0, "the eval set of task 'cars'")
+    with pytest.raises(ValueError, match="the eval set of task 'captions' has no readable sample"):
+        recalls_from_features(torch.zeros(0, 0), torch.zeros(0, 0), "the eval set of task 'captions'")
