@@ -175,15 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     from orchestrator import tracking
     from orchestrator.config import load_run_config
     from orchestrator.trainer import find_resumable, run_sequence
-    from streams.builtin import default_data_root
-    from streams.manifest import load_stream
+    from streams.builtin import default_data_root, open_stream
 
     methods = args.methods or DEFAULT_METHODS
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(sorted(METHODS))}")
-    stream = load_stream(STREAM)  # builds it on first use, or names the missing source's install command
-    load_stream(PRETRAIN_STREAM)
+    _, stream = open_stream(STREAM)  # builds it on first use, or names the missing source's install command
+    open_stream(PRETRAIN_STREAM)
     uri = tracking.resolve_tracking_uri(load_run_config(None, [f"tracking.uri={args.tracking_uri}"]
                                                         if args.tracking_uri else []))
     tracking.check_reachable(uri)

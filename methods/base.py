@@ -70,6 +70,7 @@ class ContinualMethod:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Hparams: ClassVar[type[MethodHparams]] = MethodHparams
+    needs_reference_data: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, tokenizer, hparams: MethodHparams | dict | None = None, **overrides: Any):
         self.model = model

@@ -73,3 +73,35 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+GRADIENT_BUCKET_ELEMENTS = 32 * 2**20
+
+
+def average_gradients(parameters) -> None:
+    """All-reduce (mean) the gradients over workers, in flat buckets; a no-op in one process."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads + [None]:
+        if grad is not None:
+            bucket.append(grad)
+            size += grad.numel()
+        if bucket and (grad is None or size >= GRADIENT_BUCKET_ELEMENTS):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= world_size()
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket, size = [], 0
+
+
+def broadcast_parameters(model: torch.nn.Module, src: int = 0) -> None:
+    """Every rank takes rank `src`'s weights and buffers (the same start after a restore)."""
+    if is_distributed():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=src)

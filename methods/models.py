@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import json
 import os
 import pickle
@@ -153,7 +154,7 @@ def build_model(name: str, pretrained: str | None = None, precision: str = "fp32
         raise ModelError(f"model.pretrained: checkpoint file {pretrained!r} does not exist")
     options = {"force_preprocess_cfg": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}} if name == EFFLITE_MINILM else {}
     try:
-        with _quiet_transformers():
+        with _quiet_transformers(), _random_init_expected(name, intended=not pretrained or local):
             if local:  # no tower weights: the checkpoint replaces every tensor
                 model = open_clip.create_model(name, pretrained=None, pretrained_text=False, precision=precision,
                                                **options)
@@ -255,6 +256,32 @@ def _quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def __init__(self, name: str):
+        super().__init__()
+        self.message = f"No pretrained weights loaded for model '{name}'"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.message)
+
+
+@contextlib.contextmanager
+def _random_init_expected(name: str, intended: bool):
+    """open_clip warns "No pretrained weights loaded" whenever it creates a model without a tag. Here
+    that is the request itself (a from-scratch run), or a local checkpoint replaces every tensor next:
+    the notice would be wrong, so it is dropped for this one call."""
+    if not intended:
+        yield
+        return
+    notice = _DropRandomInitNotice(name)
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def get_tokenizer(name: str):

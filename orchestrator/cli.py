@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set method.name=lwf --set train.lr=1e-4")
     run.add_argument("--resume", action="store_true", help="continue the last unfinished run of this config")
+    run.add_argument("--verbose", action="store_true", help="also show Ray's, MLflow's and the libraries' logs "
+                                                            "(always written to the run's log file)")
     run.set_defaults(handler=command_run)
 
     methods = sub.add_parser("methods", help="list the continual-learning methods and their hyperparameters")
@@ -53,19 +55,31 @@ def command_run(args) -> int:
     from orchestrator.trainer import run_sequence
 
     config = load_run_config(args.config, args.overrides)
-    result = run_sequence(config, resume=args.resume)
+    result = run_sequence(config, resume=args.resume, verbose=args.verbose)
     print_result(result)
     return 0
 
 
+def format_matrix(tasks: list[str], matrix: list[list[float]], control_tasks: list[str] = (),
+                  control_matrix: list[list[float]] = ()) -> str:
+    """The accuracy matrix with full task names: one row per evaluation, one column per task (x100)."""
+    labels = ["zero-shot"] + [f"after {t}" for t in tasks[:len(matrix) - 1]]
+    columns = list(tasks) + [f"control: {c}" for c in control_tasks]
+    rows = [list(row) + list(control_matrix[i] if i < len(control_matrix) else []) for i, row in enumerate(matrix)]
+    label_width = max(len(label) for label in labels)
+    widths = [max(len(c), 5) for c in columns]
+    lines = [" " * label_width + "".join(f"  {c.rjust(w)}" for c, w in zip(columns, widths))]
+    for label, row in zip(labels, rows):
+        lines.append(label.ljust(label_width) + "".join(f"  {100 * v:{w}.1f}" for v, w in zip(row, widths)))
+    return "\n".join(lines)
+
+
 def print_result(result) -> None:
-    width = max(len(t) for t in result.tasks) + 2
-    print("\nAccuracy matrix (rows: after task i; columns: evaluated task; score = top-1 or retrieval r_mean)")
-    print(" " * 16 + "".join(t.rjust(width) for t in result.tasks))
-    labels = ["zero-shot"] + [f"after {t}" for t in result.tasks]
-    for label, row in zip(labels, result.matrix):
-        print(label[:15].ljust(16) + "".join(f"{v:{width}.3f}" for v in row))
-    print("\n" + "  ".join(f"{k.removeprefix('cl/')}={v:+.3f}" if k == "cl/bwt" else f"{k.removeprefix('cl/')}={v:.3f}"
+    print("\nAccuracy matrix (x100; rows: evaluated after; columns: task; top-1 or retrieval r_mean)")
+    print(format_matrix(result.tasks, result.matrix, result.control_tasks, result.control_matrix))
+    print("\n" + "  ".join(f"{k.removeprefix('cl/')} {100 * v:+.1f}" if k == "cl/bwt" else
+                           f"{k.removeprefix('cl/')} {100 * v:.1f}" if "retention" not in k else
+                           f"{k.removeprefix('cl/')} {v:.2f}"
                            for k, v in result.summary.items() if not math.isnan(v)))
     if result.skipped_samples:
         print(f"skipped bad samples: {result.skipped_samples} (on_bad_sample=skip)")

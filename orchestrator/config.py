@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
+
+from methods import MethodHparams, get_method  # import-light (torch, open_clip): no Ray, no MLflow
 
 
 class ConfigError(ValueError):
@@ -29,15 +32,21 @@ class ModelConfig(_Section):
 
 class MethodConfig(_Section):
     name: str = Field("finetune", description="a method from `vlcl methods`")
-    hparams: dict[str, Any] = Field(default_factory=dict, description="the method's hyperparameters (see `vlcl methods`)")
+    hparams: SerializeAsAny[MethodHparams] = Field(
+        default_factory=MethodHparams, description="the method's hyperparameters (see `vlcl methods NAME`), validated "
+                                                   "into the method's own typed model, defaults resolved")
 
-    @model_validator(mode="after")
-    def _known_method_and_hparams(self):
-        from methods import get_method  # methods is import-light (torch, open_clip)
-
-        cls = get_method(self.name)  # raises with the known names
-        cls.validate_hparams(self.hparams)
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_hparams(cls, data: Any) -> Any:
+        """The method's own Hparams model, built once here; workers receive it typed."""
+        if not isinstance(data, dict):
+            return data
+        method = get_method(data.get("name", cls.model_fields["name"].default))  # raises with the known names
+        hparams = data.get("hparams") or {}
+        if isinstance(hparams, MethodHparams):
+            hparams = hparams.model_dump(exclude_unset=True)
+        return {**data, "hparams": method.validate_hparams(hparams)}
 
 
 class TrainConfig(_Section):
@@ -91,6 +100,25 @@ class TrackingConfig(_Section):
     description: str | None = Field(None, description="one line shown as the run's description")
 
 
+# Settings that may differ from task to task (`per_task`), besides any method.hparams.<field>.
+PER_TASK_TRAIN_FIELDS = ("lr", "weight_decay", "warmup_steps", "max_steps_per_task", "epochs_per_task",
+                         "grad_clip_norm")
+
+
+class TaskSettings(BaseModel):
+    """What one task trains with: the top-level settings with that task's `per_task` overrides applied."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps_per_task: int | None
+    epochs_per_task: int
+    grad_clip_norm: float | None
+    hparams: SerializeAsAny[MethodHparams]
+
+
 class RunConfig(_Section):
     stream: str = Field("builtin:digits", description="stream manifest path, or builtin:<name> (digits; with `make sources`: "
                         "split-fmnist, mini-mtil, offline-pretrain)")
@@ -101,17 +129,58 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str = Field("vlcl_runs", validate_default=True, description="Ray Train storage (checkpoints, run state); shared on a cluster")
+    task_order: list[str] | None = Field(
+        None, description="the stream's task names in the order to train them (default: the manifest's order)")
+    per_task: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="settings for single tasks, keyed by task name or 0-based index: dotted keys "
+                    f"train.{{{','.join(PER_TASK_TRAIN_FIELDS)}}} or method.hparams.<field>, e.g. "
+                    "{aircraft: {train.lr: 5.0e-5}}")
 
     @model_validator(mode="after")
-    def _reference_data_for_methods_that_need_it(self):
-        from methods import get_method
-
-        if getattr(get_method(self.method.name), "needs_reference_data", False) and not self.data.reference:
+    def _cross_field_checks(self):
+        if self.train.batch_size % self.train.num_workers:
+            raise ValueError(f"train.batch_size: {self.train.batch_size} is not divisible by train.num_workers "
+                             f"({self.train.num_workers}); every worker takes an equal share of each batch")
+        if get_method(self.method.name).needs_reference_data and not self.data.reference:
             raise ValueError(f"data.reference: method {self.method.name!r} distils on reference image-text pairs; give "
                              f"a stream manifest that is not the training stream (its train splits are used)")
         if self.data.reference and self.data.reference == self.stream:
             raise ValueError("data.reference: must not be the training stream")
+        if self.task_order is not None and len(set(self.task_order)) != len(self.task_order):
+            raise ValueError(f"task_order: names a task twice ({self.task_order})")
+        for key, overrides in self.per_task.items():
+            settings = self.task_settings(key)  # every override is a known field with a valid value
+            for dotted in overrides:  # kept as validated (YAML's "5e-5" is a string until then)
+                field = dotted.split(".")[-1]
+                overrides[dotted] = getattr(settings.hparams if dotted.startswith("method.") else settings, field)
         return self
+
+    def task_settings(self, *keys: str) -> TaskSettings:
+        """The settings of the task known by `keys` (its name and its index as a string)."""
+        train = {name: getattr(self.train, name) for name in PER_TASK_TRAIN_FIELDS}
+        hparams = self.method.hparams.model_dump(exclude_unset=True)
+        for key in keys:
+            for dotted, value in (self.per_task.get(key) or {}).items():
+                section, _, field = dotted.partition(".")
+                where = f"per_task.{key}.{dotted}"
+                if section == "train" and field in PER_TASK_TRAIN_FIELDS:
+                    train[field] = value
+                elif section == "method" and field.startswith("hparams.") and "." not in field[len("hparams."):]:
+                    hparams[field[len("hparams."):]] = value
+                else:
+                    raise ValueError(f"{where}: not a per-task setting; use train.{{{','.join(PER_TASK_TRAIN_FIELDS)}}}"
+                                     f" or method.hparams.<field>")
+        try:
+            checked = TrainConfig(**{**self.train.model_dump(), **train})
+        except ValidationError as err:
+            raise ValueError(f"per_task {'/'.join(keys)}: " + "; ".join(
+                f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        try:
+            typed = get_method(self.method.name).validate_hparams(hparams)
+        except ValueError as err:
+            raise ValueError(f"per_task {'/'.join(keys)}: {err}") from None
+        return TaskSettings(**{name: getattr(checked, name) for name in PER_TASK_TRAIN_FIELDS}, hparams=typed)
 
     @field_validator("output_dir")
     @classmethod
@@ -189,16 +258,25 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
     return _validate(data, source)
 
 
+def as_data(config: RunConfig) -> dict:
+    """The config as plain data that validates back to it. Method hyperparameters keep only the
+    fields that were set, so that a new `method.name` does not inherit the old method's fields."""
+    data = config.model_dump()
+    data["method"]["hparams"] = config.method.hparams.model_dump(exclude_unset=True)
+    return data
+
+
 def with_overrides(config: RunConfig, values: dict[str, Any]) -> RunConfig:
     """A copy of `config` with dotted keys replaced (used by sweeps for each trial)."""
-    data = config.model_dump()
+    data = as_data(config)
     for key, value in values.items():
         set_dotted(data, key, value)
     return _validate(data, "overrides " + ", ".join(values))
 
 
 def flatten(config: RunConfig) -> dict[str, str]:
-    """Dotted key -> value string, for MLflow params."""
+    """Dotted key -> value string, for MLflow params: every resolved value, defaults included; the
+    method's hyperparameters as `method.<field>` beside `method.name`."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -208,7 +286,11 @@ def flatten(config: RunConfig) -> dict[str, str]:
         else:
             out[prefix] = str(node)
 
-    walk("", config.model_dump())
+    data = config.model_dump()
+    hparams = data["method"].pop("hparams")
+    walk("", data)
+    for key, value in hparams.items():
+        out[f"method.{key}"] = str(value)
     return out
 
 

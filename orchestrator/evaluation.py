@@ -102,3 +102,45 @@ def recalls_from_similarity(similarity: torch.Tensor) -> dict[str, float]:
     out["score"] = out["r_mean"]
     out["samples"] = float(n)
     return out
+
+
+@torch.no_grad()
+def evaluate_all(model, plan, data, tokenizer, image_mean, image_std, device, autocast=contextlib.nullcontext):
+    """Every task's eval set and every control set, each worker scoring its own share of the rows.
+
+    Returns (row, control_row, details): the score per task in training order, per control set,
+    and every metric by name. Classification adds up the workers' (correct, total); retrieval
+    gathers every worker's features and ranks all pairs against all, so the scores are those of
+    the whole eval set at any world size. Every worker returns rank 0's copy."""
+    from methods.distributed import all_reduce_sum, broadcast_object, gather_ragged_rows
+
+    model.eval()
+    row, control_row, details = [], [], {}
+    stream_classifier = None
+    evaluated = [(task, "eval") for task in plan.tasks] + [(task, "control") for task in plan.control]
+    for task, kind in evaluated:
+        batches = data.eval_batches(task, kind)
+        where = f"the eval set of task {task.name!r}" if kind == "eval" else f"control set {task.name!r}"
+        if task.kind == "classification":
+            # A control set is scored over its own classes: it is never part of the stream's label space.
+            if plan.eval_classifier == "stream" and kind == "eval":
+                if stream_classifier is None:
+                    stream_classifier = class_text_embeddings(model, tokenizer, list(plan.stream_classes),
+                                                              list(task.templates), device)
+                classifier = stream_classifier
+                label_map = torch.tensor([plan.stream_classes.index(c) for c in task.classes])
+            else:
+                classifier = class_text_embeddings(model, tokenizer, list(task.classes), list(task.templates), device)
+                label_map = None
+            counts = zero_shot_counts(model, classifier, batches, image_mean, image_std, device,
+                                      label_map=label_map, autocast=autocast)
+            correct, total = all_reduce_sum(torch.tensor(counts, device=device)).tolist()
+            result = accuracy_from_counts(correct, total, where)
+        else:
+            images, texts = (gather_ragged_rows(f) for f in retrieval_features(
+                model, batches, image_mean, image_std, device, autocast=autocast))
+            result = recalls_from_features(images, texts, where)
+        details[task.name] = result
+        (row if kind == "eval" else control_row).append(result["score"])
+    # Rank 0's copy, so that float noise can never make workers disagree about the matrix.
+    return broadcast_object((row, control_row, details))

@@ -46,17 +46,6 @@ class DecodedSplit:
         return len(self.labels)
 
 
-def resolve_manifest(source: str, data_root: str | None = None) -> str:
-    """A manifest path, or `builtin:<name>` materialised under `data_root`."""
-    from streams.manifest import BUILTIN_PREFIX
-
-    if source.startswith(BUILTIN_PREFIX):
-        from streams.builtin import materialize_builtin
-
-        return str(materialize_builtin(source[len(BUILTIN_PREFIX):], data_root))
-    return str(Path(source).expanduser().resolve())
-
-
 def iter_decoded(urls: list[str], image_size: int, tokenizer, classes: list[str], chunk: int = 512,
                  max_samples: int | None = None) -> Iterator[DecodedSplit]:
     """Decode shards in tar order, `chunk` samples at a time, as `streams.ray_reader` decodes them."""
@@ -228,9 +217,9 @@ def load_eval_sets(source: str, data_root: str | None, image_size: int, tokenize
     """Every task's and control set's eval split, scored as `vlcl run` scores it."""
     import torch
 
-    from streams.manifest import load_stream
+    from streams.builtin import open_stream
 
-    stream = load_stream(resolve_manifest(source, data_root))
+    _, stream = open_stream(source, data_root)
     stream_classes = stream.stream_classes()
     sets = []
     for task, is_control in [(t, False) for t in stream.tasks] + [(t, True) for t in stream.control]:
@@ -298,7 +287,7 @@ def pretrain(args: argparse.Namespace, echo=print) -> PretrainResult:
 
     from methods.models import build_model
     from orchestrator import tracking
-    from streams.manifest import load_stream
+    from streams.builtin import open_stream
 
     started = time.time()
     if (args.epochs is None) == (args.steps is None):
@@ -308,8 +297,7 @@ def pretrain(args: argparse.Namespace, echo=print) -> PretrainResult:
     tracking.check_reachable(uri)  # before any work
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    manifest = resolve_manifest(args.stream, args.data_root)
-    stream = load_stream(manifest)
+    manifest, stream = open_stream(args.stream, args.data_root)
     torch.manual_seed(args.seed)
     built = build_model(args.model, args.pretrained)
     model = built.model.to(device)
@@ -385,7 +373,7 @@ def pretrain(args: argparse.Namespace, echo=print) -> PretrainResult:
         summary_path = out.with_suffix(".json")
         summary_path.write_text(json.dumps(summary, indent=1))
         logger.log_metrics({"train/final_loss": losses[-1], "train/seconds": seconds["train"]}, step=steps)
-        logger.client.log_artifact(logger.run_id, str(summary_path))
+        logger.log_artifact(str(summary_path))
     except BaseException:
         logger.finish("FAILED")
         raise
@@ -413,21 +401,17 @@ def cache_training_features(stream, built, trunk, device):
 
 
 def start_pretrain_run(uri: str, args, stream_name: str, out: Path, params: dict):
-    """The MLflow run of one alignment, in experiment `args.experiment`; returns its RunLogger."""
-    from mlflow.entities import Param
-
+    """The MLflow run of one alignment, in experiment `args.experiment`; returns its Tracker."""
     from orchestrator import tracking
 
-    experiment_id = tracking.ensure_experiment(uri, args.experiment)
     run_name = args.run_name or f"lit-{args.model}-{stream_name}-s{args.seed}"
-    mlflow_client = tracking.client(uri)
-    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags={
-        "mlflow.runName": run_name, "vlcl.kind": "pretrain", "vlcl.model": args.model, "vlcl.stream": stream_name,
-        "vlcl.seed": str(args.seed), "vlcl.git_commit": tracking.git_commit(), "vlcl.checkpoint": str(out),
-        "mlflow.note.content": f"LiT alignment of {args.model} on {stream_name}: trunk locked, text tower and "
-                               f"projections trained; zero-shot before (step 0) and after (step 1)"})
-    mlflow_client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    return tracking.RunLogger(uri, run.info.run_id)
+    tracker = tracking.Tracker.start(uri, args.experiment, run_name, {
+        "vlcl.kind": "pretrain", "vlcl.model": args.model, "vlcl.stream": stream_name,
+        "vlcl.seed": str(args.seed), "vlcl.git_commit": tracking.git_commit(), "vlcl.checkpoint": str(out)},
+        description=f"LiT alignment of {args.model} on {stream_name}: trunk locked, text tower and "
+                    f"projections trained; zero-shot before (step 0) and after (step 1)")
+    tracker.log_params(params)
+    return tracker
 
 
 def loss_reporter(logger, steps: int, print_every: int, echo):

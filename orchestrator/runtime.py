@@ -7,8 +7,13 @@ from pathlib import Path
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
-def ensure_ray(address: str | None = None, quiet: bool = False) -> None:
-    """Join the cluster at `address` / $RAY_ADDRESS, or start a small local Ray (no dashboard)."""
+def ensure_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Join the cluster at `address` / $RAY_ADDRESS, or start a small local Ray.
+
+    Workers' output stays in Ray's session logs unless `verbose` (the console is for vlcl's own
+    lines). The local instance runs Ray's dashboard process: Ray Train's placement-group cleaner
+    asks the State API, which the dashboard serves, whether the train controller is alive; without
+    it that query fails every second of a run ("Failed to query Ray Train Controller actor state")."""
     import ray
 
     if ray.is_initialized():
@@ -18,10 +23,10 @@ def ensure_ray(address: str | None = None, quiet: bool = False) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=not quiet)
+        ray.init(address=address, log_to_driver=verbose)
     else:
         cpus = os.cpu_count() or 2
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=not quiet,
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
                  object_store_memory=min(2 * 2**30, max(300 * 2**20, cpus * 256 * 2**20)))
     # Per-operator progress bars from every worker drown the run's own output; vlcl prints a line per task.
     context = ray.data.DataContext.get_current()

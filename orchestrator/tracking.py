@@ -5,8 +5,9 @@ params = the flattened config; metrics `eval/<task>/<metric>` and `cl/<metric>` 
 trained, losses `train/<term>` with step = optimizer step; artifacts `matrix.json`, `matrix.png`,
 `matrix_table.json`, `config.yaml`, `checkpoints/task_<i>/`.
 
-The driver creates the run (so it exists before any worker starts and a resumed run continues the
-same one); rank 0 of the training workers logs into it through `RunLogger`.
+Only this module imports mlflow (the read side of `vlcl report` and `vlcl ui` aside): the driver
+starts a run with `Tracker.start_sequence`, and rank 0 of the training workers logs into it through
+a `Tracker` bound to the same run id.
 """
 from __future__ import annotations
 
@@ -98,60 +99,57 @@ def stream_digest(stream) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def start_run(config: RunConfig, stream, manifest_path: str, *, parent_run_id: str | None = None,
-              run_name_suffix: str = "", extra_tags: dict | None = None) -> tuple[str, str]:
-    """Create the MLflow run for a task sequence and log what is known before training.
+class Tracker:
+    """One MLflow run's record, and the one object that talks to MLflow for it.
 
-    Returns (experiment_id, run_id).
-    """
-    uri = resolve_tracking_uri(config)
-    check_reachable(uri)
-    experiment_id = ensure_experiment(uri, config.tracking.experiment or stream.name)
-    mlflow_client = client(uri)
-    run_name = default_run_name(config, stream.name) + run_name_suffix
-    description = config.tracking.description or (
-        f"{config.method.name} on {stream.name} ({len(stream.tasks)} tasks), model {config.model.name}, seed {config.train.seed}")
-    tags = {
-        "mlflow.runName": run_name,
-        "mlflow.note.content": description,
-        "vlcl.kind": "run",
-        "vlcl.method": config.method.name,
-        "vlcl.stream": stream.name,
-        "vlcl.model": config.model.name,
-        "vlcl.seed": str(config.train.seed),
-        "vlcl.git_commit": git_commit(),
-        **(extra_tags or {}),
-    }
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    from mlflow.entities import Param
+    The driver creates the run (so it exists before any worker starts and a resumed run continues
+    the same one); rank 0 of the training workers logs into it through a Tracker of its own."""
 
-    params = [Param(k[:250], v[:6000]) for k, v in flatten(config).items()]
-    for i in range(0, len(params), 100):
-        mlflow_client.log_batch(run_id, params=params[i:i + 100])
-    mlflow_client.log_text(run_id, to_yaml(config), "config.yaml")
-    _log_stream_input(mlflow_client, run_id, stream, manifest_path)
-    return experiment_id, run_id
+    def __init__(self, uri: str, run_id: str = "", experiment_id: str = ""):
+        self.uri, self.run_id, self.experiment_id = uri, run_id, experiment_id
+        self.client = client(uri)
 
+    @classmethod
+    def start(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str], *,
+              description: str = "", parent_run_id: str | None = None) -> "Tracker":
+        """A new run in `experiment` (created when missing)."""
+        check_reachable(uri)
+        experiment_id = ensure_experiment(uri, experiment)
+        tags = {"mlflow.runName": run_name, **({"mlflow.note.content": description} if description else {}), **tags}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = client(uri).create_run(experiment_id, run_name=run_name, tags=tags)
+        return cls(uri, run.info.run_id, experiment_id)
 
-def _log_stream_input(mlflow_client, run_id: str, stream, manifest_path: str) -> None:
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
+    @classmethod
+    def start_sequence(cls, plan, *, parent_run_id: str | None = None, run_name_suffix: str = "",
+                       extra_tags: dict | None = None) -> "Tracker":
+        """The run of one task sequence, with every resolved setting as a param and the stream as
+        its input dataset."""
+        from streams.manifest import load_stream
 
-    dataset = MetaDataset(LocalArtifactDatasetSource(str(manifest_path)), name=stream.name, digest=stream_digest(stream))
-    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                            tags=[InputTag("mlflow.data.context", "train+eval")])])
+        config = plan.config
+        description = config.tracking.description or (
+            f"{config.method.name} on {plan.stream_name} ({len(plan.tasks)} tasks), model {config.model.name}, "
+            f"seed {config.train.seed}")
+        tags = {"vlcl.kind": "run", "vlcl.method": config.method.name, "vlcl.stream": plan.stream_name,
+                "vlcl.model": config.model.name, "vlcl.seed": str(config.train.seed), "vlcl.git_commit": git_commit(),
+                **(extra_tags or {})}
+        tracker = cls.start(plan.tracking_uri, config.tracking.experiment or plan.stream_name,
+                            default_run_name(config, plan.stream_name) + run_name_suffix, tags,
+                            description=description, parent_run_id=parent_run_id)
+        tracker.log_params(flatten(config))
+        tracker.log_text(to_yaml(config), "config.yaml")
+        tracker.log_stream_input(load_stream(plan.manifest), plan.manifest)
+        return tracker
 
+    # ---- writing -------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
 
-class RunLogger:
-    """What rank 0 logs during training: losses, per-task evaluation, the matrix, checkpoints."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.client = client(tracking_uri)
-        self.run_id = run_id
+        entries = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(entries), 100):
+            self.client.log_batch(self.run_id, params=entries[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -163,6 +161,25 @@ class RunLogger:
         for i in range(0, len(entries), 500):
             self.client.log_batch(self.run_id, metrics=entries[i:i + 500])
 
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+    def log_dict(self, data: dict, path: str) -> None:
+        self.client.log_dict(self.run_id, data, path)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_stream_input(self, stream, manifest_path: str) -> None:
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(manifest_path)), name=stream.name,
+                              digest=stream_digest(stream))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train+eval")])])
+
     def log_matrix(self, task_names: list[str], rows: list[list[float]], control_names: list[str] = (),
                    control_rows: list[list[float]] = ()) -> None:
         """matrix.json (+ control sets' rows), the same as a table, and the heatmap."""
@@ -170,7 +187,7 @@ class RunLogger:
                    "row_labels": ["zero-shot"] + [f"after {name}" for name in task_names[:len(rows) - 1]]}
         if control_names:
             payload["control_tasks"], payload["control_rows"] = list(control_names), control_rows
-        self.client.log_dict(self.run_id, payload, "matrix.json")
+        self.log_dict(payload, "matrix.json")
         import pandas as pd
 
         table = pd.DataFrame(rows, columns=task_names)
@@ -181,7 +198,7 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "matrix.png"
             plot_matrix(task_names, rows, path, control_names, control_rows)
-            self.client.log_artifact(self.run_id, str(path))
+            self.log_artifact(str(path))
 
     def log_checkpoint(self, directory: str, task_index: int) -> None:
         self.client.log_artifacts(self.run_id, directory, f"checkpoints/task_{task_index}")
@@ -189,8 +206,17 @@ class RunLogger:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def set_running(self) -> None:
+        self.client.update_run(self.run_id, status="RUNNING")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def system_monitor(self, resume: bool):
+        """CPU, memory and (with pynvml) GPU of this node, logged as system/* metrics of the run."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        return SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
 
 
 def plot_matrix(task_names: list[str], rows: list[list[float]], path: Path, control_names: list[str] = (),

@@ -1,10 +1,12 @@
 """One continual run: the whole task sequence on a Ray Train TorchTrainer.
 
-Driver (`run_sequence`): validate, open the MLflow run, build one Ray Data dataset per task split,
-launch the trainer, print the result. Workers (`train_sequence`): for each task, before_task ->
-steps -> after_task -> evaluate every task -> report(metrics, checkpoint). A checkpoint after
-each task holds model, method state, optimizer (when it carries over) and progress, so a run
-restarts at the next task after a worker failure (FailureConfig) or `vlcl run --resume`.
+Driver (`run_sequence`): build the typed plan (everything that can fail does, before Ray starts),
+open the MLflow run, start the trainer, draw the console, return the result. Workers
+(`train_sequence`): read top to bottom, like a recipe - set up, zero-shot row, then per task:
+before_task -> steps -> after_task -> evaluate every task -> report(metrics, checkpoint). A
+checkpoint after each task holds model, method state, optimizer (when it carries over) and
+progress, so a run restarts at the next task after a worker failure (FailureConfig) or
+`vlcl run --resume`.
 
 Data parallelism: every worker holds a full model; after backward the gradients are averaged over
 workers (`average_gradients`). Unlike wrapping the model in DDP this lets a method run any number
@@ -17,19 +19,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from orchestrator.config import ConfigError, RunConfig, to_yaml
 from orchestrator.metrics import summarize, summarize_control
-
-GRADIENT_BUCKET_ELEMENTS = 32 * 2**20
-CACHE_LIMIT_BYTES = 512 * 2**20  # data.cache=auto materialises a task below this size
+from orchestrator.plan import FaultInjection, Progress, RunPlan, TaskPlan
 
 
 @dataclass
@@ -45,196 +44,144 @@ class SequenceResult:
     eval_details: dict = field(default_factory=dict)
     control_tasks: list[str] = field(default_factory=list)
     control_matrix: list[list[float]] = field(default_factory=list)  # rows as `matrix`, one column per control set
+    task_settings: list[dict] = field(default_factory=list)  # the settings each task trained with
+    log_file: str = ""
+    first_step_seconds: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-def resolve_manifest(config: RunConfig) -> str:
-    from streams.manifest import BUILTIN_PREFIX
+def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | None = None,
+                 parent_run_id: str | None = None, run_name_suffix: str = "", extra_tags: dict | None = None,
+                 ray_callbacks: list | None = None, quiet: bool = False, verbose: bool = False) -> SequenceResult:
+    """Train and evaluate `config`'s method over its stream; everything lands in MLflow.
 
-    if config.stream.startswith(BUILTIN_PREFIX):
-        from streams.builtin import materialize_builtin
-
-        return str(materialize_builtin(config.stream[len(BUILTIN_PREFIX):], config.data.root))
-    return str(Path(config.stream).expanduser().resolve())
-
-
-def run_sequence(config: RunConfig, *, resume: bool = False, parent_run_id: str | None = None,
-                 run_name_suffix: str = "", extra_tags: dict | None = None, ray_callbacks: list | None = None,
-                 quiet: bool = False) -> SequenceResult:
-    """Train and evaluate `config`'s method over its stream; everything lands in MLflow."""
+    `resume`: continue the last unfinished run of this config (its MLflow run and checkpoint).
+    `resume_from`: start from a task checkpoint directory instead of from scratch (a sweep's
+    exploit step), in a new MLflow run. `quiet`: no console (tests, sweep trials)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from methods.models import build_model
-    from orchestrator import tracking
-    from orchestrator.data_config import ShardedEvalDataConfig
+    from orchestrator.console import Console, ProgressSink, route_library_logs, unroute_library_logs
+    from orchestrator.plan import build_plan
     from orchestrator.runtime import cluster_has_gpus, ensure_ray
-    from streams.manifest import load_stream
+    from orchestrator.tracking import Tracker, check_reachable, default_run_name, resolve_tracking_uri
 
     started = time.time()
-    tracking.check_reachable(tracking.resolve_tracking_uri(config))  # before any data or Ray work
-    manifest = resolve_manifest(config)
-    stream = load_stream(manifest)
-    built = build_model(config.model.name, config.model.pretrained)  # fail on a bad model before Ray work
-    del built.model
-    if config.train.batch_size % config.train.num_workers:
-        raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be divisible by train.num_workers "
-                          f"({config.train.num_workers})")
-    ensure_ray(quiet=quiet)
-    use_gpu = cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu)
-    tracking_uri = tracking.resolve_tracking_uri(config)
-
+    uri = resolve_tracking_uri(config)
+    check_reachable(uri)  # before any data or Ray work
+    image_size = build_model(config.model.name, config.model.pretrained).image_size  # a bad model fails here
+    plan = build_plan(config, image_size)
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    run_name = tracking.default_run_name(config, stream.name) + run_name_suffix
-    resume_from = None
+    run_name = default_run_name(config, plan.stream_name) + run_name_suffix
     state = find_resumable(output, run_name) if resume else None
     if resume and state is None:
         raise ConfigError(f"--resume: no unfinished run named {run_name!r} under {output}; start it without --resume")
-    if state:
-        experiment_id, run_id = state["experiment_id"], state["run_id"]
-        resume_from = latest_checkpoint(output / state["ray_name"])
-        tracking.client(tracking_uri).update_run(run_id, status="RUNNING")
-        print(f"Resuming MLflow run {run_id} from {resume_from or 'the start (no task had finished)'}")
-    else:
-        experiment_id, run_id = tracking.start_run(config, stream, manifest, parent_run_id=parent_run_id,
-                                                   run_name_suffix=run_name_suffix, extra_tags=extra_tags)
-    ray_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:6]}"
-    write_state(output / "runs" / f"{ray_name}.json", {
-        "run_name": run_name, "run_id": run_id, "experiment_id": experiment_id, "ray_name": ray_name,
-        "previous": state["ray_name"] if state else None, "finished": False})
-
-    datasets, skip_counter, planned = build_datasets(config, stream, built.image_size)
-    reference = load_reference(config, built.image_size) if config.data.reference else None
-    train_names = [f"train_{i}" for i in range(len(stream.tasks))]
-    loop_config = {
-        "config": config.model_dump(), "manifest": manifest, "tracking_uri": tracking_uri, "run_id": run_id,
-        "resume_from": resume_from, "planned_steps": planned, "skip_counter": skip_counter,
-        "use_gpu": use_gpu, "fault": fault_injection_from_env(), "reference": reference,
-    }
-    trainer = TorchTrainer(
-        train_sequence,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": config.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=ray_name, storage_path=str(output),
-                                       failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-                                       callbacks=ray_callbacks or None),
-        datasets=datasets,
-        dataset_config=ShardedEvalDataConfig(train_names, [name for name in datasets if name not in train_names]),
-    )
+    ray_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
+    log_file = output / ray_name / "vlcl.log"
+    log_handler = route_library_logs(log_file, verbose)
     try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.client(tracking_uri).set_terminated(run_id, status="FAILED")
-        raise
-    if result.error:
-        tracking.client(tracking_uri).set_terminated(run_id, status="FAILED")
-        raise result.error
-    with result.checkpoint.as_directory() as directory:
-        progress = json.loads((Path(directory) / "progress.json").read_text())
-    matrix = progress["matrix"]
-    control_matrix = progress.get("control", [])
-    summary = {k: v for k, v in (summarize(matrix) | summarize_control(control_matrix)).items() if not math.isnan(v)}
-    write_state(output / "runs" / f"{ray_name}.json", {
-        "run_name": run_name, "run_id": run_id, "experiment_id": experiment_id, "ray_name": ray_name,
-        "finished": True})
-    tracking.client(tracking_uri).set_terminated(run_id, status="FINISHED")
-    return SequenceResult(run_id=run_id, experiment_id=experiment_id, tasks=[t.name for t in stream.tasks],
-                          matrix=matrix, summary=summary, tracking_uri=tracking_uri,
-                          skipped_samples=progress.get("skipped_samples", 0), wall_seconds=time.time() - started,
-                          eval_details=progress.get("eval_details", {}),
-                          control_tasks=[t.name for t in stream.control], control_matrix=control_matrix)
+        ensure_ray(verbose=verbose)
+        if state:
+            tracker = Tracker(uri, state["run_id"], state["experiment_id"])
+            tracker.set_running()
+            resume_from = latest_checkpoint(output / state["ray_name"])
+        else:
+            tracker = Tracker.start_sequence(replace(plan, tracking_uri=uri), parent_run_id=parent_run_id,
+                                             run_name_suffix=run_name_suffix, extra_tags=extra_tags)
+        sink = None if quiet else ProgressSink.remote()
+        plan = replace(plan, tracking_uri=uri, run_id=tracker.run_id, resume_from=resume_from,
+                       use_gpu=cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu),
+                       fault=FaultInjection.from_env(), progress_sink=sink, started_at=started)
+        run_state = {"run_name": run_name, "run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
+                     "ray_name": ray_name, "previous": state["ray_name"] if state else None, "finished": False}
+        write_state(output / "runs" / f"{ray_name}.json", run_state)
+        datasets, skip_counter = streamed_datasets(plan)
+        trainer = TorchTrainer(
+            train_sequence,
+            train_loop_config={"plan": plan, "skip_counter": skip_counter},
+            scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=plan.use_gpu,
+                                                   resources_per_worker={"CPU": config.train.cpus_per_worker}),
+            run_config=ray.train.RunConfig(name=ray_name, storage_path=str(output),
+                                           failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+                                           callbacks=ray_callbacks or None),
+            datasets=datasets or None,
+        )
+        console = None
+        if sink is not None:
+            console = Console(sink, len(plan.tasks))
+            console.header(run_header(plan, tracker, resume_from, log_file))
+        try:
+            with console or contextlib.nullcontext():
+                result = trainer.fit()
+            if result.error:
+                raise result.error
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        with result.checkpoint.as_directory() as directory:
+            progress = Progress.from_json((Path(directory) / "progress.json").read_text())
+        summary = {k: v for k, v in (summarize(progress.matrix) | summarize_control(progress.control)).items()
+                   if not math.isnan(v)}
+        write_state(output / "runs" / f"{ray_name}.json", {**run_state, "finished": True})
+        log_handler.flush()
+        tracker.log_artifact(str(log_file))
+        tracker.finish("FINISHED")
+    finally:
+        unroute_library_logs(log_handler)
+    return SequenceResult(run_id=tracker.run_id, experiment_id=tracker.experiment_id, tasks=plan.task_names,
+                          matrix=progress.matrix, summary=summary, tracking_uri=uri,
+                          skipped_samples=progress.skipped_samples, wall_seconds=time.time() - started,
+                          eval_details=progress.eval_details, control_tasks=plan.control_names,
+                          control_matrix=progress.control, task_settings=progress.task_settings,
+                          first_step_seconds=progress.first_step_seconds,
+                          log_file=str(log_file))
 
 
-def build_datasets(config: RunConfig, stream, image_size: int):
-    """One Ray dataset per task split; small tasks are decoded once and kept (no per-epoch re-decode)."""
+def run_header(plan: RunPlan, tracker, resume_from: str | None, log_file: Path) -> list[tuple[str, str]]:
+    config = plan.config
+    start = config.model.pretrained or "from scratch"
+    lines = [("run", f"{tracker.run_id} ({'resumed from ' + resume_from if resume_from else 'new'})"),
+             ("stream", f"{plan.stream_name}: {len(plan.tasks)} tasks"
+                        + (f" + {len(plan.control)} control sets" if plan.control else "")),
+             ("model", f"{config.model.name} ({start})"),
+             ("method", f"{config.method.name}  lr {config.train.lr:g}  batch {config.train.batch_size}  "
+                        f"seed {config.train.seed}  workers {config.train.num_workers}"
+                        + ("  gpu" if plan.use_gpu else "")),
+             ("mlflow", f"{plan.tracking_uri}  experiment {tracker.experiment_id}"),
+             ("log", f"{log_file} (Ray, MLflow and library logs; --verbose shows them)")]
+    return lines
+
+
+def streamed_datasets(plan: RunPlan):
+    """Ray Data datasets for the training splits too large to keep decoded on the workers."""
     import ray
 
     from methods.models import TokenizerFactory
     from streams.ray_reader import SkipCounter, task_dataset
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same seed, same batches: resumed == uninterrupted
+    config = plan.config
+    if not plan.streamed_tasks:
+        return {}, None
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same batches
     skip_counter = SkipCounter.remote() if config.data.on_bad_sample == "skip" else None
-    factory = TokenizerFactory(config.model.name)
-    datasets, planned = {}, []
-    workers = config.train.num_workers
-    local_batch = config.train.batch_size // workers
-
-    def split_dataset(shard_set, classes: list[str], is_eval: bool):
-        on_device = config.data.decode == "device"
-        urls = stream.shard_urls(shard_set)
-        dataset = task_dataset(urls, image_size, factory, classes, train=False,
-                               on_bad_sample=config.data.on_bad_sample, skip_counter=skip_counter,
-                               decoders=config.data.decoders, ship_encoded=on_device)
-        dataset = dataset.select_columns(["encoded", "key", "text", "label"] if on_device else ["pixels", "text", "label"])
-        fraction = 1.0
-        if is_eval and config.data.eval_max_samples:
-            dataset = capped_eval_dataset(dataset, shard_set.samples, config.data.eval_max_samples)
-            if shard_set.samples:
-                fraction = min(1.0, config.data.eval_max_samples / shard_set.samples)
-        size = fraction * cached_size_estimate(urls, shard_set.samples, image_size, on_device)
-        if config.data.cache == "always" or (config.data.cache == "auto" and 0 < size < CACHE_LIMIT_BYTES):
-            dataset = dataset.materialize()
-        return dataset
-
-    for index, task in enumerate(stream.tasks):
-        datasets[f"train_{index}"] = split_dataset(task.train, task.classes, is_eval=False)
-        datasets[f"eval_{index}"] = split_dataset(task.eval, task.classes, is_eval=True)
-        rows = datasets[f"train_{index}"].count()
-        steps_per_epoch = (rows // workers) // local_batch
-        if steps_per_epoch == 0:
-            raise ConfigError(f"task {task.name!r} has {rows} training samples, fewer than one batch per worker "
-                              f"(train.batch_size={config.train.batch_size}, {workers} workers)")
-        steps = steps_per_epoch * config.train.epochs_per_task
-        if config.train.max_steps_per_task:
-            steps = min(steps, config.train.max_steps_per_task)
-        planned.append(steps)
-    for index, task in enumerate(stream.control):  # evaluated only, never trained
-        datasets[f"control_{index}"] = split_dataset(task.eval, task.classes, is_eval=True)
-    return datasets, skip_counter, planned
+    on_device = config.data.decode == "device"
+    datasets = {}
+    for task in plan.streamed_tasks:
+        dataset = task_dataset(list(task.train.urls), plan.image_size, TokenizerFactory(config.model.name),
+                               list(task.classes), train=False, on_bad_sample=config.data.on_bad_sample,
+                               skip_counter=skip_counter, decoders=config.data.decoders, ship_encoded=on_device)
+        datasets[task.train_dataset_name] = dataset.select_columns(
+            ["encoded", "key", "text", "label"] if on_device else ["pixels", "text", "label"])
+    return datasets, skip_counter
 
 
-def capped_eval_dataset(dataset, total: int | None, cap: int):
-    """At most `cap` rows drawn evenly from the whole split, the same rows in every run.
-
-    A plain prefix would be wrong: eval shards are often written class by class, so the first rows
-    would cover only the first classes. Each row is kept with probability cap/total, then the result
-    is cut at `cap`. The seed is fixed, not the run's: runs with different seeds are scored on the
-    same rows, so their numbers compare."""
-    total = total or dataset.count()  # manifests written by vlcl record it; others pay one read
-    if total <= cap:
-        return dataset
-    return dataset.random_sample(cap / total, seed=0).limit(cap)
-
-
-def load_reference(config: RunConfig, image_size: int):
-    """Up to data.reference_samples image-caption pairs from the reference stream's train splits,
-    as an object ref of (pixels uint8 (N,H,W,3), captions token ids (N,L))."""
-    import numpy as np
-    import ray
-
-    from methods.models import TokenizerFactory
-    from streams.manifest import BUILTIN_PREFIX, load_stream
-    from streams.ray_reader import task_dataset
-
-    source = config.data.reference
-    if source.startswith(BUILTIN_PREFIX):
-        from streams.builtin import materialize_builtin
-
-        source = str(materialize_builtin(source[len(BUILTIN_PREFIX):], config.data.root))
-    spec = load_stream(source)
-    urls = [url for task in spec.tasks for url in spec.shard_urls(task.train)]
-    dataset = task_dataset(urls, image_size, TokenizerFactory(config.model.name), [], train=False,
-                           decoders=config.data.decoders).select_columns(["pixels", "text"])
-    batch = dataset.take_batch(config.data.reference_samples, batch_format="numpy")
-    return ray.put((np.asarray(batch["pixels"]), np.asarray(batch["text"])))
-
-
+# ----------------------------------------------------------------------------------------------
+# resuming
+# ----------------------------------------------------------------------------------------------
 def write_state(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state, indent=1))
@@ -267,15 +214,6 @@ def latest_checkpoint(ray_run_dir: Path) -> str | None:
     return best
 
 
-def fault_injection_from_env() -> dict | None:
-    """Test hook: VLCL_FAULT_AFTER_TASK=k makes worker 0 crash once after checkpointing task k
-    (once per VLCL_FAULT_MARKER file), to exercise FailureConfig and --resume for real."""
-    after = os.environ.get("VLCL_FAULT_AFTER_TASK")
-    if not after:
-        return None
-    return {"after_task": int(after), "marker": os.environ.get("VLCL_FAULT_MARKER", "")}
-
-
 # ----------------------------------------------------------------------------------------------
 # workers
 # ----------------------------------------------------------------------------------------------
@@ -284,148 +222,159 @@ def train_sequence(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from methods import TaskInfo, get_method
-    from methods.models import build_model, set_train_mode
-    from orchestrator.tracking import RunLogger
-    from streams.manifest import load_stream
+    from methods import get_method
+    from methods.distributed import all_reduce_sum, broadcast_parameters
+    from methods.models import build_model
+    from orchestrator.console import ProgressReporter
+    from orchestrator.data import WorkerData
+    from orchestrator.tracking import Tracker
 
-    config = RunConfig(**loop_config["config"])
+    plan: RunPlan = loop_config["plan"]
+    config = plan.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
-    stream = load_stream(loop_config["manifest"])
-    tasks = stream.tasks
-    seed = config.train.seed
+    device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
 
-    torch.manual_seed(seed)
+    # -- setup, in dependency order: model -> method -> data -> restored state -> trackers --------
+    torch.manual_seed(config.train.seed)
     built = build_model(config.model.name, config.model.pretrained)
     model = built.model.to(device)
     method = get_method(config.method.name)(model, built.tokenizer, config.method.hparams)
-    autocast = _autocast(config, device)
-
-    progress = {"tasks_done": 0, "matrix": [], "control": [], "global_step": 0, "skipped_samples": 0,
-                "eval_details": {}}
-    optimizer_state = None
+    autocast = autocast_for(config, device)
+    data = WorkerData(plan, rank, world, device, built.image_mean, built.image_std)
+    progress, optimizer_state = Progress(), None
     checkpoint = ray.train.get_checkpoint()
-    checkpoint_dir = None
-    if checkpoint is not None:
-        checkpoint_dir = checkpoint.to_directory()
-    elif loop_config.get("resume_from"):
-        checkpoint_dir = loop_config["resume_from"]
+    checkpoint_dir = checkpoint.to_directory() if checkpoint is not None else plan.resume_from
     if checkpoint_dir:
-        progress, optimizer_state = _restore(Path(checkpoint_dir), model, method)
-    _broadcast_parameters(model)
-    # after restoring: the method keeps reference texts in its state, not the images
-    if loop_config.get("reference") is not None and hasattr(method, "set_reference_data"):
-        import ray
+        progress, optimizer_state = restore_checkpoint(Path(checkpoint_dir), model, method)
+    broadcast_parameters(model)
+    if method.needs_reference_data:  # after restoring: the method keeps reference texts, not images
+        method.set_reference_data(*data.reference_data())
+    tracker = Tracker(plan.tracking_uri, plan.run_id) if rank == 0 else None
+    reporter = ProgressReporter(plan.progress_sink if rank == 0 else None)
+    monitor = None
+    if tracker and (config.tracking.system_metrics or (config.tracking.system_metrics is None and device.type == "cuda")):
+        monitor = tracker.system_monitor(resume=checkpoint_dir is not None)
+        monitor.start()
 
-        from methods.models import normalize_pixels
+    def evaluate_and_record(row_index: int) -> dict[str, float]:
+        """Score every eval and control set; add the row to progress; log it. Returns the metrics."""
+        from orchestrator.evaluation import evaluate_all
 
-        pixels, texts = ray.get(loop_config["reference"])
-        pixels = torch.from_numpy(pixels)[rank::world]  # each worker distils on its own share
-        method.set_reference_data(normalize_pixels(pixels, built.image_mean, built.image_std).to(device),
-                                  torch.from_numpy(texts))
-
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    system_monitor = None
-    if logger and (config.tracking.system_metrics or (config.tracking.system_metrics is None and device.type == "cuda")):
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        # CPU, memory and (with pynvml) GPU of rank 0's node, as system/* metrics of the run
-        system_monitor = SystemMetricsMonitor(loop_config["run_id"], resume_logging=checkpoint_dir is not None,
-                                              tracking_uri=loop_config["tracking_uri"])
-        system_monitor.start()
-    names = [t.name for t in tasks]
-    control_names = [t.name for t in stream.control]
-    if not progress["matrix"]:  # before any training: the zero-shot row
-        row, control_row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast)
-        progress["matrix"], progress["control"] = [row], [control_row]
-        progress["eval_details"]["0"] = details
-        if logger:
-            logger.log_metrics(_eval_metrics(names + control_names, details, progress), step=0)
-            logger.log_matrix(names, progress["matrix"], control_names, progress["control"])
-
-    optimizer = None
-    for index in range(progress["tasks_done"], len(tasks)):
-        task = tasks[index]
-        torch.manual_seed(seed * 1000 + index)  # a task's randomness does not depend on how we got here
-        steps = loop_config["planned_steps"][index]
-        info = TaskInfo(index=index, name=task.name, kind=task.kind, num_tasks=len(tasks),
-                        class_names=tuple(task.classes), templates=tuple(task.templates), steps=steps)
-        method.before_task(info)
-        if optimizer is None or config.train.reset_optimizer_each_task:
-            # fused: one kernel for the whole update on a GPU, as the plain loop of bench/throughput.py
-            optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=config.train.lr,
-                                          weight_decay=config.train.weight_decay, fused=device.type == "cuda")
-            if optimizer_state is not None and not config.train.reset_optimizer_each_task:
-                optimizer.load_state_dict(optimizer_state)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.train.warmup_steps, steps))
-        shard = ray.train.get_dataset_shard(f"train_{index}")
-        local_batch = config.train.batch_size // world
-
-        def task_batches(epoch: int = 0, shard=shard, index=index):
-            for batch in device_batches(
-                    shard, config, built.image_size, device, batch_size=local_batch, drop_last=True,
-                    local_shuffle_buffer_size=config.train.shuffle_buffer or None,
-                    local_shuffle_seed=(seed * 1000 + index) * 1000 + epoch if config.train.shuffle_buffer else None):
-                yield _training_batch(batch, built, augment=config.train.augment)
-
-        set_train_mode(model, config.train.freeze_batchnorm)
-        step, epoch, sums, counted = 0, 0, {}, 0
-        task_started = time.time()
-        while step < steps:
-            for batch in task_batches(epoch):
-                with autocast():
-                    losses = method.training_loss(batch)
-                losses["loss"].backward()
-                average_gradients(method.trainable_parameters())
-                if config.train.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), config.train.grad_clip_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.after_step()
-                step += 1
-                progress["global_step"] += 1
-                for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach())
-                counted += 1
-                if logger and (step % config.train.log_every_steps == 0 or step == steps):
-                    logger.log_metrics({f"train/{k}": v / counted for k, v in sums.items()}
-                                       | {"train/lr": schedule.get_last_lr()[0]}, step=progress["global_step"])
-                    sums, counted = {}, 0
-                if step >= steps:
-                    break
-            epoch += 1
-        train_seconds = time.time() - task_started
-        method.after_task(info, lambda: task_batches(epoch))
-        model.eval()
-
-        row, control_row, details = evaluate_all(method.eval_model(), built, stream, config, device, autocast)
-        progress["matrix"].append(row)
-        progress.setdefault("control", []).append(control_row)
-        progress["eval_details"][str(index + 1)] = details
-        progress["tasks_done"] = index + 1
+        row, control_row, details = evaluate_all(method.eval_model(), plan, data, built.tokenizer, built.image_mean,
+                                                 built.image_std, device, autocast)
+        progress.matrix.append(row)
+        progress.control.append(control_row)
+        progress.eval_details[str(row_index)] = details
+        skipped = all_reduce_sum(torch.tensor(data.skipped_count(), device=device)).item()
         if loop_config.get("skip_counter") is not None:
             import ray
 
-            progress["skipped_samples"] = ray.get(loop_config["skip_counter"].total.remote())
-        metrics = {"task": index + 1, **_eval_metrics(names + control_names, details, progress),
-                   "train/task_seconds": train_seconds, "train/images_per_second": steps * config.train.batch_size / max(train_seconds, 1e-9),
-                   "data/skipped_samples": progress["skipped_samples"]}
-        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-        if logger:
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "task"}, step=index + 1)
-            logger.log_matrix(names, progress["matrix"], control_names, progress["control"])
-        _report(config, progress, model, method, optimizer, rank, logger, metrics, index, len(tasks))
-        _maybe_inject_fault(loop_config.get("fault"), index + 1, rank)
-    if system_monitor is not None:
-        system_monitor.finish()
+            skipped += ray.get(loop_config["skip_counter"].total.remote())
+        progress.skipped_samples = int(skipped)
+        metrics = eval_metrics(plan, details, progress) | {"data/skipped_samples": progress.skipped_samples}
+        if tracker:
+            tracker.log_metrics(metrics, step=row_index)
+            tracker.log_matrix(plan.task_names, progress.matrix, plan.control_names, progress.control)
+        return metrics
+
+    # -- the zero-shot row, once, before any training ---------------------------------------------
+    if not progress.matrix:
+        evaluate_and_record(0)
+        reporter.evaluated(-1, "zero-shot", progress.matrix[0], progress.control[0])
+
+    # -- the tasks ----------------------------------------------------------------------------------
+    optimizer = None
+    for task in plan.tasks[progress.tasks_done:]:
+        task_started = time.time()
+        reporter.task_started()
+        optimizer = train_task(task, plan, method, model, data, optimizer, optimizer_state, progress, tracker,
+                               reporter, autocast)
+        optimizer_state = None
+        train_seconds = time.time() - task_started
+        model.eval()
+        metrics = evaluate_and_record(task.index + 1)
+        metrics |= {"train/task_seconds": train_seconds,
+                    "train/images_per_second": task.steps * config.train.batch_size / max(train_seconds, 1e-9)}
+        if tracker:
+            tracker.log_metrics({k: metrics[k] for k in ("train/task_seconds", "train/images_per_second")},
+                                step=task.index + 1)
+        reporter.evaluated(task.index, task.name, progress.matrix[-1], progress.control[-1], train_seconds)
+        progress.tasks_done = task.index + 1
+        report_task(plan, progress, model, method, optimizer, rank, tracker, {"task": task.index + 1, **metrics})
+        if plan.fault:
+            inject_fault(plan.fault, progress.tasks_done, rank)
+    if monitor is not None:
+        monitor.finish()
 
 
-def _report(config, progress, model, method, optimizer, rank, logger, metrics, index, num_tasks) -> None:
+def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, optimizer_state, progress: Progress,
+               tracker, reporter, autocast):
+    """before_task -> `task.steps` optimizer steps -> after_task. Returns the optimizer."""
+    from methods import TaskInfo
+    from methods.distributed import average_gradients
+    from methods.models import set_train_mode
+
+    config, settings = plan.config, task.settings
+    torch.manual_seed(config.train.seed * 1000 + task.index)  # a task's randomness does not depend on how we got here
+    info = TaskInfo(index=task.index, name=task.name, kind=task.kind, num_tasks=len(plan.tasks),
+                    class_names=task.classes, templates=task.templates, steps=task.steps)  # MERGE: train_samples
+    method.hparams = settings.hparams  # MERGE: set_hparams
+    method.before_task(info)
+    parameters = method.trainable_parameters()
+    if optimizer is None or config.train.reset_optimizer_each_task:
+        # fused: one kernel for the whole update on a GPU, as the plain loop of bench/throughput.py
+        optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay,
+                                      fused=data.device.type == "cuda")
+        if optimizer_state is not None and not config.train.reset_optimizer_each_task:
+            optimizer.load_state_dict(optimizer_state)
+    for group in optimizer.param_groups:  # this task's settings, also on an optimizer carried over
+        group.update(lr=settings.lr, initial_lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.warmup_steps, task.steps))
+    progress.task_settings.append({"task": task.name, **settings.model_dump()})
+
+    set_train_mode(model, config.train.freeze_batchnorm)
+    batches = data.endless_batches(task)
+    independent = data.endless_batches(task, seed_offset=1, augment=False) if getattr(method, "needs_independent_batch", False) else None  # MERGE
+    losses_sum: dict[str, torch.Tensor] = {}
+    counted = 0
+    for step in range(1, task.steps + 1):
+        batch = next(batches)
+        if independent is not None:
+            batch["independent"] = next(independent)
+        with autocast():
+            losses = method.training_loss(batch)
+        losses["loss"].backward()
+        average_gradients(parameters)
+        if settings.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step()  # MERGE: (batch, losses)
+        if step == 1 and tracker and not progress.first_step_seconds:
+            progress.first_step_seconds = time.time() - plan.started_at
+            tracker.log_metrics({"time/first_step_seconds": progress.first_step_seconds}, step=0)
+        progress.global_step += 1
+        for key, value in losses.items():  # summed on the device: no host sync per step
+            losses_sum[key] = losses_sum.get(key, 0.0) + value.detach().float()
+        counted += 1
+        if step % config.train.log_every_steps == 0 or step == task.steps:
+            means = dict(zip(losses_sum, (torch.stack(list(losses_sum.values())) / counted).tolist()))
+            if tracker:
+                tracker.log_metrics({f"train/{k}": v for k, v in means.items()} | {"train/lr": schedule.get_last_lr()[0]},
+                                    step=progress.global_step)
+            reporter.step(task.index, task.name, step, task.steps, means["loss"], config.train.batch_size)
+            losses_sum, counted = {}, 0
+    method.after_task(info, lambda: data.epoch_batches(task, epoch=10**6))
+    return optimizer
+
+
+def report_task(plan: RunPlan, progress: Progress, model, method, optimizer, rank: int, tracker, metrics: dict) -> None:
+    """ray.train.report on every worker; rank 0 attaches the task checkpoint (and logs it to MLflow)."""
     import ray.train
 
+    config = plan.config
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -434,34 +383,33 @@ def _report(config, progress, model, method, optimizer, rank, logger, metrics, i
         torch.save(method.state_dict(), Path(directory) / "method.pt")
         if not config.train.reset_optimizer_each_task:
             torch.save(optimizer.state_dict(), Path(directory) / "optimizer.pt")
-        (Path(directory) / "progress.json").write_text(json.dumps(progress))
+        (Path(directory) / "progress.json").write_text(progress.to_json())
         (Path(directory) / "config.yaml").write_text(to_yaml(config))
         keep = config.tracking.checkpoints
-        if logger and (keep == "all" or (keep == "last" and index + 1 == num_tasks)):
-            logger.log_checkpoint(directory, index + 1)
+        if tracker and (keep == "all" or (keep == "last" and progress.tasks_done == len(plan.tasks))):
+            tracker.log_checkpoint(directory, progress.tasks_done)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _restore(directory: Path, model, method):
+def restore_checkpoint(directory: Path, model, method) -> tuple[Progress, dict | None]:
     model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
     method.load_state_dict(torch.load(directory / "method.pt", map_location="cpu", weights_only=True))
     optimizer_path = directory / "optimizer.pt"
     optimizer_state = torch.load(optimizer_path, map_location="cpu", weights_only=True) if optimizer_path.exists() else None
-    return json.loads((directory / "progress.json").read_text()), optimizer_state
+    return Progress.from_json((directory / "progress.json").read_text()), optimizer_state
 
 
-def _maybe_inject_fault(fault: dict | None, tasks_done: int, rank: int) -> None:
-    if not fault or fault["after_task"] != tasks_done or rank != 0:
+def inject_fault(fault: FaultInjection, tasks_done: int, rank: int) -> None:
+    if fault.after_task != tasks_done or rank != 0:
         return
-    marker = fault.get("marker")
-    if marker:
-        if os.path.exists(marker):
+    if fault.marker:
+        if Path(fault.marker).exists():
             return
-        Path(marker).write_text("fired")
+        Path(fault.marker).write_text("fired")
     raise RuntimeError(f"injected fault after task {tasks_done} (VLCL_FAULT_AFTER_TASK)")
 
 
-def _autocast(config: RunConfig, device: torch.device):
+def autocast_for(config: RunConfig, device: torch.device):
     precision = config.model.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -470,7 +418,8 @@ def _autocast(config: RunConfig, device: torch.device):
     return contextlib.nullcontext
 
 
-def _warmup_cosine(warmup: int, total: int):
+def warmup_cosine(warmup: int, total: int):
+    """LambdaLR factor: linear warm-up over `warmup` steps, then cosine to 0 at `total`."""
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -479,156 +428,12 @@ def _warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def cached_size_estimate(urls: list[str], samples: int | None, image_size: int, encoded: bool) -> int:
-    """Bytes a materialised split would hold in the object store (0 when unknown).
-
-    Decoded on CPU it holds uint8 pixels; with `data.decode: device` it holds the files' encoded
-    bytes, which the local shards' sizes bound (remote shards: unknown, so `auto` streams them)."""
-    from streams.manifest import is_url
-
-    if not encoded:
-        return (samples or 0) * image_size * image_size * 3
-    paths = [Path(url.removeprefix("file://")) for url in urls]
-    if any(is_url(url) or not path.is_file() for url, path in zip(urls, paths)):
-        return 0
-    return sum(path.stat().st_size for path in paths)
-
-
-def device_batches(shard, config: RunConfig, image_size: int, device, batch_size: int, **iterate):
-    """A dataset shard's batches on `device`: uint8 `pixels` (B,3,H,W), `text` ids and `label`s,
-    wherever the images were decoded (`data.decode`). `iterate`: more iter_torch_batches options."""
-    on_device = config.data.decode == "device"
-    if on_device:
-        from streams.image_decode import decode_batch
-        iterate["collate_fn"] = _encoded_columns
-    for raw in shard.iter_torch_batches(batch_size=batch_size, **iterate):
-        if on_device:
-            pixels = decode_batch(raw["encoded"], image_size, device, keys=raw["key"])
-        else:
-            pixels = raw["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-        yield {"pixels": pixels, "text": raw["text"].to(device, non_blocking=True),
-               "label": raw["label"].to(device, non_blocking=True)}
-
-
-def _encoded_columns(batch: dict) -> dict:
-    """iter_torch_batches' collate for `data.decode: device`: file bytes and keys stay Python objects."""
-    return {"encoded": list(batch["encoded"]), "key": [str(k) for k in batch["key"]],
-            "text": torch.as_tensor(batch["text"]), "label": torch.as_tensor(batch["label"])}
-
-
-def _training_batch(batch: dict, built, augment: bool) -> dict:
-    from methods.models import normalize_pixels
-
-    pixels = random_resized_crop(batch["pixels"]) if augment else batch["pixels"]
-    return {**batch, "image": normalize_pixels(pixels, built.image_mean, built.image_std), "pixels": pixels}
-
-
-def random_resized_crop(pixels: torch.Tensor, scale=(0.9, 1.0)) -> torch.Tensor:
-    """Per-image random crop (area fraction in `scale`, aspect 3/4-4/3) resized back, batched on device."""
-    from torchvision.ops import roi_align
-
-    n, _, h, w = pixels.shape
-    area = torch.empty(n, device=pixels.device).uniform_(*scale) * h * w
-    log_ratio = torch.empty(n, device=pixels.device).uniform_(math.log(3 / 4), math.log(4 / 3))
-    ratio = log_ratio.exp()
-    crop_w = (area * ratio).sqrt().clamp(max=w)
-    crop_h = (area / ratio).sqrt().clamp(max=h)
-    x0 = torch.rand(n, device=pixels.device) * (w - crop_w)
-    y0 = torch.rand(n, device=pixels.device) * (h - crop_h)
-    boxes = torch.stack([torch.arange(n, device=pixels.device, dtype=torch.float), x0, y0, x0 + crop_w, y0 + crop_h], 1)
-    out = roi_align(pixels.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def average_gradients(parameters) -> None:
-    """All-reduce (mean) the gradients over workers, in flat buckets; a no-op in one process."""
-    import torch.distributed as dist
-
-    from methods.distributed import is_distributed, world_size
-
-    if not is_distributed():
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for grad in grads + [None]:
-        if grad is not None:
-            bucket.append(grad)
-            size += grad.numel()
-        if bucket and (grad is None or size >= GRADIENT_BUCKET_ELEMENTS):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            flat /= world_size()
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket, size = [], 0
-
-
-def _broadcast_parameters(model) -> None:
-    import torch.distributed as dist
-
-    from methods.distributed import is_distributed
-
-    if is_distributed():
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
-
-
-@torch.no_grad()
-def evaluate_all(model, built, stream, config: RunConfig, device, autocast):
-    """Every task's eval set (and the control sets), each worker scoring its own share of the rows.
-
-    Classification adds up the workers' (correct, total); retrieval gathers every worker's features
-    and ranks all pairs against all, so the scores are those of the whole eval set at any world
-    size. Every worker returns the same row."""
-    import ray.train
-
-    from methods.distributed import all_reduce_sum, broadcast_object, gather_ragged_rows
-    from orchestrator.evaluation import (accuracy_from_counts, class_text_embeddings, recalls_from_features,
-                                         retrieval_features, zero_shot_counts)
-
-    model.eval()
-    row, control_row, details = [], [], {}
-    stream_classes = stream.stream_classes()
-    stream_classifier = None
-    evaluated = [(task, f"eval_{i}", False) for i, task in enumerate(stream.tasks)]
-    evaluated += [(task, f"control_{i}", True) for i, task in enumerate(stream.control)]
-    for task, dataset_name, is_control in evaluated:
-        batches = device_batches(ray.train.get_dataset_shard(dataset_name), config, built.image_size, device,
-                                 batch_size=config.eval.batch_size)
-        if task.kind == "classification":
-            # A control set is scored over its own classes: it is never part of the stream's label space.
-            if stream.eval_classifier == "stream" and not is_control:
-                if stream_classifier is None:
-                    stream_classifier = class_text_embeddings(model, built.tokenizer, stream_classes,
-                                                              task.templates, device)
-                classifier = stream_classifier
-                label_map = torch.tensor([stream_classes.index(c) for c in task.classes])
-            else:
-                classifier = class_text_embeddings(model, built.tokenizer, task.classes, task.templates, device)
-                label_map = None
-            counts = zero_shot_counts(model, classifier, batches, built.image_mean, built.image_std, device,
-                                      label_map=label_map, autocast=autocast)
-            correct, total = all_reduce_sum(torch.tensor(counts, device=device)).tolist()
-            result = accuracy_from_counts(correct, total, f"the eval set of task {task.name!r} ({dataset_name})")
-        else:
-            images, texts = (gather_ragged_rows(f) for f in retrieval_features(
-                model, batches, built.image_mean, built.image_std, device, autocast=autocast))
-            result = recalls_from_features(images, texts, f"the eval set of task {task.name!r} ({dataset_name})")
-        details[task.name] = result
-        (control_row if is_control else row).append(result["score"])
-    # Rank 0's copy, so that float noise can never make workers disagree about the matrix.
-    return broadcast_object((row, control_row, details))
-
-
-def _eval_metrics(names: list[str], details: dict, progress: dict) -> dict[str, float]:
+def eval_metrics(plan: RunPlan, details: dict, progress: Progress) -> dict[str, float]:
     metrics = {}
-    for name in names:
+    for name in plan.task_names + plan.control_names:
         for key, value in details[name].items():
             if key != "samples":
                 metrics[f"eval/{name}/{key}"] = value
-    metrics.update(summarize(progress["matrix"]))
-    metrics.update(summarize_control(progress.get("control", [])))
-    return metrics
+    metrics.update(summarize(progress.matrix))
+    metrics.update(summarize_control(progress.control))
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from streams.errors import ManifestError
-from streams.manifest import ShardSet, StreamSpec, TaskSpec, write_manifest
+from streams.manifest import BUILTIN_PREFIX, ShardSet, StreamSpec, TaskSpec, load_stream, write_manifest
 from streams.writer import Sample, publish_directory, staging_directory, write_split
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -121,3 +121,19 @@ def materialize_builtin(name: str, data_root: str | os.PathLike | None = None) -
         raise
     publish_directory(staging, final)
     return final / MANIFEST_NAME
+
+
+def open_stream(source: str | os.PathLike, data_root: str | os.PathLike | None = None) -> tuple[str, StreamSpec]:
+    """(manifest path, stream) of a manifest path or `builtin:<name>` (built under `data_root` on first use).
+
+    The one place a stream source is resolved: run, sweep, pretrain and the reference data all call it."""
+    source = str(source)
+    if source.startswith(BUILTIN_PREFIX):
+        manifest = str(materialize_builtin(source[len(BUILTIN_PREFIX):], data_root))
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ManifestError(f"stream manifest {source} does not exist; give a manifest YAML path or one of "
+                                + ", ".join(f"{BUILTIN_PREFIX}{name}" for name in sorted(builtin_streams())))
+        manifest = str(path.resolve())
+    return manifest, load_stream(manifest)

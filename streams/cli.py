@@ -178,9 +178,9 @@ def run_build_img2dataset(args) -> int:
 
 
 def run_check(args) -> int:
+    from streams.builtin import open_stream
     from streams.check import check_stream
-    from streams.manifest import load_stream
 
-    report = check_stream(load_stream(args.manifest, args.data_root), decode_images=not args.no_decode)
+    report = check_stream(open_stream(args.manifest, args.data_root)[1], decode_images=not args.no_decode)
     print("\n".join(report.summary_lines()))
     return 0 if report.ok else 1

@@ -124,19 +124,12 @@ def expand_shards(patterns: list[str], root: str = "") -> list[str]:
     return urls
 
 
-def load_stream(source: str | os.PathLike, data_root: str | os.PathLike | None = None) -> StreamSpec:
-    """Load a stream from a manifest path, or `builtin:<name>` (materialised under `data_root`)."""
-    source = str(source)
-    if source.startswith(BUILTIN_PREFIX):
-        from streams.builtin import materialize_builtin
-
-        source = str(materialize_builtin(source[len(BUILTIN_PREFIX):], data_root))
+def load_stream(path: str | os.PathLike) -> StreamSpec:
+    """Load a stream manifest file. (`builtin:<name>` streams: `streams.builtin.open_stream`.)"""
+    source = str(path)
     path = Path(source)
     if not path.is_file():
-        from streams.builtin import builtin_streams
-
-        raise ManifestError(f"stream manifest {source} does not exist; give a manifest YAML path or one of "
-                            + ", ".join(f"builtin:{name}" for name in sorted(builtin_streams())))
+        raise ManifestError(f"stream manifest {source} does not exist; give a manifest YAML path or builtin:<name>")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

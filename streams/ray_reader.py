@@ -13,17 +13,12 @@ A tar that cannot be read at all fails in the read stage; `vlcl streams check` n
 """
 from __future__ import annotations
 
-import io
-import json
 from typing import Callable, Literal
 
 import numpy as np
 import ray
-from PIL import Image
 
-from streams.errors import ShardError
-from streams.image_decode import decode_to_pixels
-from streams.writer import IMAGE_EXTENSIONS
+from streams.samples import RowDecoder, bad_sample_error
 
 OUTPUT_COLUMNS = ("pixels", "text", "label", "key")
 SKIP_EXAMPLES_KEPT = 20
@@ -49,73 +44,14 @@ class SkipCounter:
         return list(self.examples)
 
 
-def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and np.isnan(value))
-
-
-class SampleDecoder:
-    """Raw webdataset columns -> `pixels` (N,H,W,3) uint8, `text` (N,L) int64, `label` (N,) int64, `key`.
-
-    With `ship_encoded`, `encoded` (the image file's bytes, for decoding on the training device)
-    replaces `pixels`; the image is then only checked to be one (its header parses), not decoded."""
+class SampleDecoder(RowDecoder):
+    """A Ray Data batch (pandas) of raw webdataset columns -> decoded columns; see RowDecoder.
+    Dropped samples (`on_bad_sample="skip"`) are counted in the `skip_counter` actor."""
 
     def __init__(self, image_size: int, tokenizer_factory: Callable[[], Callable], classes: list[str],
                  on_bad_sample: Literal["error", "skip"], skip_counter=None, ship_encoded: bool = False):
-        self.image_size = image_size
-        self.ship_encoded = ship_encoded
-        self.tokenizer = tokenizer_factory()
-        # An all-bad batch still returns (0, L) token ids, so every block has the same tensor shape.
-        self.context_length = self.tokenize([""]).shape[1]
-        self.classes = list(classes)
-        self.class_index = {name: i for i, name in enumerate(self.classes)}
-        self.on_bad_sample = on_bad_sample
+        super().__init__(image_size, tokenizer_factory, classes, on_bad_sample, ship_encoded)
         self.skip_counter = skip_counter
-
-    def tokenize(self, captions: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(captions)
-        tokens = tokens.numpy() if hasattr(tokens, "numpy") else np.asarray(tokens)
-        return tokens.astype(np.int64)
-
-    def decode_row(self, row: dict) -> tuple[np.ndarray, str, int]:
-        """One sample's pixels, caption and label; raises ValueError saying what is wrong."""
-        encoded = next((row[ext] for ext in IMAGE_EXTENSIONS if _present(row.get(ext))), None)
-        if encoded is None:
-            raise ValueError(f"no image ({'/'.join(IMAGE_EXTENSIONS)})")
-        if self.ship_encoded:
-            try:
-                Image.open(io.BytesIO(encoded)).close()  # reads the header only
-            except (OSError, ValueError, SyntaxError) as err:
-                raise ValueError(f"not an image ({type(err).__name__}: {err})") from None
-            pixels = bytes(encoded)
-        else:
-            pixels = decode_to_pixels(encoded, self.image_size)
-        caption = row.get("txt")
-        if not _present(caption):
-            raise ValueError("no caption (.txt)")
-        caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-        if not caption.strip():
-            raise ValueError("empty caption (.txt)")
-        return pixels, caption, self.label_of(row)
-
-    def label_of(self, row: dict) -> int:
-        if not self.classes:
-            return -1
-        meta = row.get("json")
-        if not _present(meta):
-            raise ValueError("no .json with `label` or `class` in a classification task")
-        try:
-            meta = json.loads(meta)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f".json does not parse ({err})") from None
-        label = meta.get("label") if isinstance(meta, dict) else None
-        if isinstance(label, int) and not isinstance(label, bool):
-            if not 0 <= label < len(self.classes):
-                raise ValueError(f"label {label} is out of range for {len(self.classes)} classes")
-            return label
-        class_name = meta.get("class") if isinstance(meta, dict) else None
-        if class_name in self.class_index:
-            return self.class_index[class_name]
-        raise ValueError(f"neither an integer `label` nor a known `class` (got {meta!r}; classes {self.classes})")
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         rows = batch.to_dict("records")
@@ -126,9 +62,7 @@ class SampleDecoder:
                 image, caption, label = self.decode_row(row)
             except ValueError as err:
                 if self.on_bad_sample == "error":
-                    raise ShardError(f"shard {shard} sample {key!r}: {err}. Rebuild the shard (`vlcl streams check` "
-                                     f"lists every bad sample) or set `on_bad_sample: skip` to drop such samples") \
-                        from None
+                    raise bad_sample_error(shard, key, err) from None
                 skipped.append(f"shard {shard} sample {key!r}: {err}")
                 continue
             pixels.append(image)

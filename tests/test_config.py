@@ -14,9 +14,65 @@ def test_overrides_parse_yaml_scalars():
     config = load_run_config(None, ["train.lr=1e-4", "train.augment=true", "method.name=wise_ft",
                                     "method.hparams.alpha=0.5"])
     assert config.train.lr == 1e-4 and config.train.augment is True
-    assert config.method.hparams == {"alpha": 0.5}
-    assert flatten(config)["method.hparams.alpha"] == "0.5"
+    assert config.method.hparams.alpha == 0.5  # typed: the method's own Hparams model
     assert with_overrides(config, {"train.lr": 3e-4}).train.lr == 3e-4
+
+
+def test_params_hold_every_resolved_method_field_defaults_included():
+    from methods import get_method
+
+    config = load_run_config(None, ["method.name=ctp"])
+    params = flatten(config)
+    fields = get_method("ctp").Hparams.model_fields
+    assert len(fields) > 10
+    for name, field in fields.items():
+        assert params[f"method.{name}"] == str(field.default)
+    assert params["method.name"] == "ctp" and not any(k.startswith("method.hparams") for k in params)
+
+
+def test_per_task_settings_resolve_over_the_top_level_ones():
+    config = load_run_config(None, ["method.name=wise_ft", "train.lr=1e-3", "train.warmup_steps=5",
+                                    'per_task={"digits-2-3": {"train.lr": 5e-5, "method.hparams.alpha": 0.3},'
+                                    ' "0": {"train.warmup_steps": 0}}'])
+    first = config.task_settings("digits-0-1", "0")
+    second = config.task_settings("digits-2-3", "1")
+    other = config.task_settings("digits-4-5", "2")
+    assert (first.lr, first.warmup_steps, first.hparams.alpha) == (1e-3, 0, 0.8)  # 0.8: the default
+    assert (second.lr, second.warmup_steps, second.hparams.alpha) == (5e-5, 5, 0.3)
+    assert (other.lr, other.warmup_steps) == (1e-3, 5)
+    assert flatten(config)["per_task.digits-2-3.train.lr"] == "5e-05"
+
+
+@pytest.mark.parametrize("override, where", [
+    ('per_task={"0": {"train.batch_size": 8}}', "per_task.0.train.batch_size: not a per-task setting"),
+    ('per_task={"0": {"train.lr": -1}}', "train.lr"),
+    ('per_task={"0": {"method.hparams.nope": 1}}', "method.hparams.nope"),
+    ("train.num_workers=3", "train.batch_size: 32 is not divisible by train.num_workers (3)"),
+    ('task_order=["digits-0-1", "digits-0-1"]', "task_order"),
+])
+def test_cross_field_checks_fail_in_the_config_naming_the_field(override, where):
+    with pytest.raises(ConfigError, match=where.replace("(", r"\(").replace(")", r"\)")):
+        load_run_config(None, [override])
+
+
+def test_per_task_keys_and_task_order_are_checked_against_the_stream(digits_manifest):
+    from orchestrator.plan import build_plan
+
+    base = [f"stream={digits_manifest}"]
+    with pytest.raises(ConfigError, match=r"per_task.aircraft: not a task of stream 'digits'"):
+        build_plan(load_run_config(None, [*base, 'per_task={"aircraft": {"train.lr": 1e-5}}']), 32)
+    with pytest.raises(ConfigError, match=r"per_task.7: not a task"):
+        build_plan(load_run_config(None, [*base, 'per_task={"7": {"train.lr": 1e-5}}']), 32)
+    with pytest.raises(ConfigError, match=r"task_order: \['digits-9-9'\] are not tasks"):
+        build_plan(load_run_config(None, [*base, 'task_order=["digits-9-9"]']), 32)
+    reverse = ["digits-8-9", "digits-6-7", "digits-4-5", "digits-2-3", "digits-0-1"]
+    plan = build_plan(load_run_config(None, [*base, f"task_order={reverse}", "train.max_steps_per_task=3",
+                                             'per_task={"digits-0-1": {"train.max_steps_per_task": 2}}']), 32)
+    assert plan.task_names == reverse and [t.index for t in plan.tasks] == [0, 1, 2, 3, 4]
+    assert [t.steps for t in plan.tasks] == [3, 3, 3, 3, 2]
+    assert all(t.train.cached and t.eval.cached for t in plan.tasks)  # small: decoded once on the workers
+    streamed = build_plan(load_run_config(None, [*base, "data.cache=never"]), 32)
+    assert len(streamed.streamed_tasks) == 5
 
 
 def test_every_bad_field_is_named(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from streams import builtin
-from streams.builtin import DIGIT_NAMES, DIGIT_TEMPLATES, materialize_builtin
+from streams.builtin import DIGIT_NAMES, DIGIT_TEMPLATES, materialize_builtin, open_stream
 from streams.check import read_shard_samples
 from streams.errors import ManifestError
 from streams.manifest import load_stream
@@ -81,4 +81,4 @@ def test_unknown_builtin_names_the_known_ones(tmp_path):
     with pytest.raises(ManifestError, match="unknown builtin stream 'cifar'; known: digits"):
         materialize_builtin("cifar", tmp_path)
     with pytest.raises(ManifestError, match="known: digits"):
-        load_stream("builtin:cifar", tmp_path)
+        open_stream("builtin:cifar", tmp_path)

@@ -108,52 +108,6 @@ def test_skip_without_a_counter_is_refused():
         task_dataset(["x.tar"], 32, tokenizer_factory(), [], train=False, on_bad_sample="skip")
 
 
-def test_capped_eval_set_spans_every_class_and_is_the_same_each_run(ray_session):
-    from orchestrator.trainer import capped_eval_dataset
-
-    # written class by class, as eval shards usually are: a prefix of 200 would hold classes 0 and 1 only
-    rows = ray_session.data.from_items([{"id": i, "label": i // 100} for i in range(1000)], override_num_blocks=4)
-    first = capped_eval_dataset(rows, 1000, 200).take_all()
-    again = capped_eval_dataset(rows, None, 200).take_all()  # total unknown: counted
-    assert [r["id"] for r in first] == [r["id"] for r in again]
-    assert 150 <= len(first) <= 200
-    assert {r["label"] for r in first} == set(range(10))
-    assert capped_eval_dataset(rows, 1000, 1000) is rows
-
-
-@pytest.mark.ray
-def test_eval_sets_are_cut_into_shares_that_hold_every_row_and_training_into_equal_ones(ray_session):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from orchestrator.data_config import ShardedEvalDataConfig
-
-    data = ray_session.data
-    datasets = {"train_0": data.range(101, override_num_blocks=8), "eval_0": data.range(101, override_num_blocks=8)}
-    shards = ShardedEvalDataConfig(["train_0"], ["eval_0"]).configure(datasets, 2, None, None)
-
-    def ids(name):  # the two workers read their shards at the same time, as in training
-        with ThreadPoolExecutor(2) as pool:
-            return list(pool.map(lambda rank: [r["id"] for r in shards[rank][name].iter_rows()], (0, 1)))
-
-    eval_ids = ids("eval_0")
-    assert sorted(eval_ids[0] + eval_ids[1]) == list(range(101))       # disjoint, and nothing dropped
-    assert eval_ids[0] and eval_ids[1]                                 # each worker scores a share
-    train_ids = ids("train_0")
-    assert len(train_ids[0]) == len(train_ids[1]) and not set(train_ids[0]) & set(train_ids[1])
-
-
-def test_cache_size_estimate_counts_pixels_or_the_encoded_files(tmp_path):
-    from orchestrator.trainer import cached_size_estimate
-
-    shards = [tmp_path / "a.tar", tmp_path / "b.tar"]
-    shards[0].write_bytes(b"x" * 1000)
-    shards[1].write_bytes(b"x" * 24)
-    urls = [str(shards[0]), f"file://{shards[1]}"]
-    assert cached_size_estimate(urls, 10, 32, encoded=False) == 10 * 32 * 32 * 3
-    assert cached_size_estimate(urls, 10, 32, encoded=True) == 1024
-    assert cached_size_estimate([*urls, "s3://bucket/c.tar"], 10, 32, encoded=True) == 0  # unknown: not cached
-
-
 @pytest.mark.ray
 def test_shipping_encoded_images_checks_them_and_keeps_their_bytes(ray_session, digits_manifest, tmp_path):
     import ray

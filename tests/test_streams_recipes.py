@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from streams import recipes, sources
-from streams.builtin import DIGIT_NAMES, DIGIT_TEMPLATES
+from streams.builtin import DIGIT_NAMES, DIGIT_TEMPLATES, open_stream
 from streams.check import check_stream, read_shard_samples
 from streams.cli import RECIPE_COMMANDS
 from streams.errors import MissingSourceError, SourceError
@@ -303,7 +303,7 @@ def test_building_twice_gives_the_same_manifest_keys_and_bytes(pretrain_manifest
 def test_builtin_recipe_is_built_on_first_use_with_the_recipe_defaults(tmp_path, monkeypatch):
     small = Recipe("split-fmnist", 1, "test", build_split_fmnist, {"train_per_class": 2, "eval_per_class": 1})
     monkeypatch.setitem(recipes.RECIPES, "split-fmnist", small)
-    spec = load_stream("builtin:split-fmnist", tmp_path)
+    spec = open_stream("builtin:split-fmnist", tmp_path)[1]
     assert Path(spec.root) == (tmp_path / "split-fmnist-v1").resolve()
     assert [t.train.samples for t in spec.tasks] == [4] * 5 and [t.eval.samples for t in spec.tasks] == [2] * 5
     assert "eval_per_class: 1" in (tmp_path / "split-fmnist-v1" / "build.yaml").read_text()
@@ -343,7 +343,7 @@ def test_builtin_recipe_with_sources_missing_fails_cleanly(tmp_path, monkeypatch
     monkeypatch.setenv("VLCL_DEBIAN_ROOT", str(tmp_path / "nothing"))
     monkeypatch.setenv("VLCL_SOURCES_DIR", str(tmp_path / "nothing"))
     with pytest.raises(MissingSourceError, match=r"fashion-mnist .*apt-get install -y dataset-fashion-mnist"):
-        load_stream("builtin:split-fmnist", tmp_path / "data")
+        open_stream("builtin:split-fmnist", tmp_path / "data")
     assert list((tmp_path / "data").iterdir()) == []  # no half-built stream left behind
 
 

@@ -1,0 +1,196 @@
+"""What a person sees while a run goes: a header, one live progress line per task, each task's eval
+row, the final matrix. Everything else (Ray's, MLflow's and the libraries' own logging) goes to the
+run's log file; `--verbose` shows it here too.
+
+Rank 0 of the training workers sends `StepProgress` and `TaskEvaluated` records to a `ProgressSink`
+actor (fire and forget: a step never waits on the console); the driver drains it while the trainer
+runs and draws the lines.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+LIBRARY_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings", "urllib3", "filelock", "fsspec")
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    task_index: int
+    task: str
+    step: int
+    steps: int
+    loss: float
+    images_per_second: float
+    eta_seconds: float
+
+
+@dataclass(frozen=True)
+class TaskEvaluated:
+    task_index: int  # -1: the zero-shot row before training
+    task: str
+    row: tuple[float, ...]
+    control_row: tuple[float, ...]
+    train_seconds: float
+
+
+@ray.remote(num_cpus=0)
+class ProgressSink:
+    """A mailbox between rank 0 and the driver's console."""
+
+    def __init__(self):
+        self.records: list = []
+
+    def put(self, record) -> None:
+        self.records.append(record)
+
+    def drain(self) -> list:
+        records, self.records = self.records, []
+        return records
+
+
+def route_library_logs(log_file: Path, verbose: bool) -> logging.Handler:
+    """Send the libraries' logging (and Python warnings) to `log_file`; also to stderr with `verbose`.
+
+    Ray and MLflow install their own stderr handlers on their loggers when imported: both are
+    imported first, so that those handlers are the ones replaced."""
+    import mlflow  # noqa: F401
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)
+    for name in ("", *LIBRARY_LOGGERS):
+        logger = logging.getLogger(name)
+        if not verbose:
+            for old in list(logger.handlers):
+                if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+                    logger.removeHandler(old)
+        logger.addHandler(handler)
+        if name:
+            logger.propagate = False
+            if verbose:
+                logger.addHandler(logging.StreamHandler(sys.stderr))
+    logging.getLogger().setLevel(logging.INFO)
+    return handler
+
+
+def unroute_library_logs(handler: logging.Handler) -> None:
+    for name in ("", *LIBRARY_LOGGERS):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds}s"
+
+
+def format_scores(row) -> str:
+    return " ".join(f"{100 * v:5.1f}" for v in row)
+
+
+class Console:
+    """Draws the records of a ProgressSink on stdout while the trainer runs (a daemon thread)."""
+
+    def __init__(self, sink, num_tasks: int, stream=None, interval_s: float = 0.5):
+        self.sink, self.num_tasks, self.interval_s = sink, num_tasks, interval_s
+        self.out = stream or sys.stdout
+        self.live = self.out.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="vlcl-console", daemon=True)
+        self._last: StepProgress | None = None
+        self._open_line = False
+
+    def header(self, lines: list[tuple[str, str]]) -> None:
+        width = max(len(k) for k, _ in lines)
+        for key, value in lines:
+            print(f"{key.ljust(width)}  {value}", file=self.out)
+        print(file=self.out, flush=True)
+
+    def __enter__(self) -> "Console":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._draw(self._drain())  # records that arrived after the last poll
+        self._end_line()
+
+    def _drain(self) -> list:
+        try:
+            return ray.get(self.sink.drain.remote(), timeout=10)
+        except Exception:  # the sink is gone with a failed run: nothing more to draw
+            return []
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._draw(self._drain())
+
+    def _draw(self, records: list) -> None:
+        for record in records:
+            if isinstance(record, StepProgress):
+                self._last = record
+                if self.live:
+                    self._write(self._progress_line(record), end="\r")
+                    self._open_line = True
+            elif isinstance(record, TaskEvaluated):
+                if record.task_index >= 0:
+                    if self._last is not None and self._last.task_index == record.task_index:
+                        self._write(self._progress_line(self._last, done_s=record.train_seconds))
+                        self._open_line = False
+                    label = f"after {record.task}"
+                else:
+                    label = "zero-shot"
+                self._end_line()
+                control = f"  | control {format_scores(record.control_row)}" if record.control_row else ""
+                self._write(f"  eval {label}: {format_scores(record.row)}{control}")
+        self.out.flush()
+
+    def _progress_line(self, p: StepProgress, done_s: float | None = None) -> str:
+        head = f"task {p.task_index + 1}/{self.num_tasks} {p.task}"
+        timing = f"{format_duration(done_s)}" if done_s is not None else f"ETA {format_duration(p.eta_seconds)}"
+        return (f"{head}  step {p.step}/{p.steps}  loss {p.loss:.4f}  {p.images_per_second:,.0f} img/s  "
+                f"{timing}").ljust(100)
+
+    def _write(self, text: str, end: str = "\n") -> None:
+        self.out.write(text + end)
+
+    def _end_line(self) -> None:
+        if self._open_line:
+            self.out.write("\n")
+            self._open_line = False
+
+
+class ProgressReporter:
+    """Rank 0's side: throttled StepProgress records, and one TaskEvaluated per evaluation."""
+
+    def __init__(self, sink, min_interval_s: float = 0.5):
+        self.sink, self.min_interval_s = sink, min_interval_s
+        self._sent_at = 0.0
+        self._task_started = time.time()
+
+    def task_started(self) -> None:
+        self._task_started = time.time()
+
+    def step(self, task_index: int, task: str, step: int, steps: int, loss: float, batch_size: int) -> None:
+        now = time.time()
+        if self.sink is None or (now - self._sent_at < self.min_interval_s and step < steps):
+            return
+        elapsed = max(now - self._task_started, 1e-9)
+        self.sink.put.remote(StepProgress(task_index, task, step, steps, loss, step * batch_size / elapsed,
+                                          elapsed / step * (steps - step)))
+        self._sent_at = now
+
+    def evaluated(self, task_index: int, task: str, row, control_row, train_seconds: float = 0.0) -> None:
+        if self.sink is not None:
+            self.sink.put.remote(TaskEvaluated(task_index, task, tuple(row), tuple(control_row), train_seconds))
