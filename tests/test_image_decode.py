@@ -1,12 +1,13 @@
-"""streams.image_decode: torchvision decoding gives PIL's pixels, on every path and format."""
+"""streams.image_decode: TorchCodec decoding gives PIL's pixels, on every path and format."""
 import io
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from streams.image_decode import decode_batch, decode_to_pixels, resize_center_crop
+from streams.image_decode import decode_batch, decode_one, decode_to_pixels, resize_center_crop
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -34,7 +35,7 @@ def by_pil(data: bytes, size: int) -> np.ndarray:
     ("PNG", "P", {}), ("PNG", "L", {}), ("WEBP", "RGB", {"lossless": True}),
 ])
 @pytest.mark.parametrize("width,height", [(301, 203), (120, 333), (48, 48)])
-def test_torchvision_decode_gives_the_pil_pixels(fmt, mode, options, width, height):
+def test_decode_gives_the_pil_pixels(fmt, mode, options, width, height):
     data = encoded(photo_like(width, height, mode), fmt, **options)
     ours, theirs = decode_to_pixels(data, 48).astype(int), by_pil(data, 48).astype(int)
     assert ours.shape == (48, 48, 3)
@@ -42,7 +43,7 @@ def test_torchvision_decode_gives_the_pil_pixels(fmt, mode, options, width, heig
     assert np.abs(ours - theirs).max() <= 1
 
 
-def test_a_format_torchvision_cannot_read_falls_back_to_pil():
+def test_a_format_torchcodec_cannot_read_falls_back_to_pil():
     data = encoded(photo_like(64, 40), "BMP")
     assert np.abs(decode_to_pixels(data, 32).astype(int) - by_pil(data, 32).astype(int)).max() <= 1
 
@@ -64,3 +65,55 @@ def test_batch_decode_equals_one_by_one_and_names_a_bad_sample():
     truncated = datas[0][: len(datas[0]) // 3]
     with pytest.raises(ValueError, match=r"sample 'b-7': image does not decode.*vlcl streams check"):
         decode_batch([datas[1], truncated], 32, "cpu", keys=["a-3", "b-7"])
+
+
+def exif_oriented(image: Image.Image, fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    return encoded(image, fmt, exif=exif)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])  # TIFF: the PIL fallback
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_on_every_path(fmt, orientation):
+    # TorchCodec always turns JPEG/PNG/WebP upright by their EXIF orientation (no opt-out), so the
+    # PIL fallback and PIL twin do too: one image, one crop, whichever decoder reads it
+    data = exif_oriented(photo_like(90, 50), fmt, orientation)
+    ours = decode_to_pixels(data, 40).astype(int)
+    with Image.open(io.BytesIO(data)) as image:
+        upright = ImageOps.exif_transpose(image)
+        assert upright.size == ((90, 50) if orientation == 3 else (50, 90))
+    assert np.abs(ours - by_pil(data, 40).astype(int)).max() <= 1
+    assert np.abs(ours - resize_center_crop(upright, 40).astype(int)).max() <= 1
+
+
+def test_palette_png_with_transparency_decodes_to_its_colours():
+    # torchcodec 0.16 wrote RGBA into the RGB output here (pytorch/torchcodec#1731: wrong pixels, heap
+    # overrun); 0.17 fixed it
+    image = Image.new("P", (2, 1), color=0)
+    image.putpalette([17, 34, 51, 68, 85, 102])
+    image.putpixel((1, 0), 1)
+    data = encoded(image, "PNG", transparency=bytes([0, 128]))
+    assert decode_one(data).tolist() == [[[17, 68]], [[34, 85]], [[51, 102]]]
+
+
+@pytest.mark.parametrize("fmt,options", [("GIF", {}), ("WEBP", {"lossless": True})])
+def test_an_animated_image_gives_its_first_frame_as_pil_does(fmt, options):
+    frames = [photo_like(60, 40, seed=seed).convert("P" if fmt == "GIF" else "RGB") for seed in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:], duration=100, **options)
+    data = buffer.getvalue()
+    ours = decode_to_pixels(data, 32)
+    assert ours.shape == (32, 32, 3)
+    assert np.abs(ours.astype(int) - by_pil(data, 32).astype(int)).max() <= 1
+
+
+def test_decoding_uses_no_deprecated_api():
+    # torchvision 0.29 deprecates torchvision.io's decoders (DeprecationWarning on every call); this
+    # module decodes with TorchCodec, so nothing here may warn
+    datas = [encoded(photo_like(64, 48), fmt) for fmt in ("JPEG", "PNG", "WEBP")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for data in datas:
+            decode_to_pixels(data, 32)
+        decode_batch(datas, 32, "cpu")
