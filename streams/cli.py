@@ -88,6 +88,22 @@ def add_streams_commands(subparsers) -> argparse.ArgumentParser:
     shards.add_argument("--eval-classifier", choices=["task", "stream"], default="task")
     shards.set_defaults(func=run_build_img2dataset)
 
+    mtil = sources.add_parser("mtil", help="MTIL (ZSCL): 11 torchvision datasets from disk, one task each, in "
+                                           "Order I or II, scored over each task's own classes")
+    mtil.add_argument("--root", required=True, help="folder holding the datasets as torchvision keeps them "
+                                                    "(the `root` of every torchvision class; download=False)")
+    mtil.add_argument("--out", required=True, help="folder for the shards and manifest.yaml")
+    mtil.add_argument("--order", choices=["I", "II"], default="I", help="task order of manifest.yaml (default I; "
+                      "manifest-order-I.yaml and manifest-order-II.yaml are written too, over the same shards)")
+    mtil.add_argument("--few-shot", type=int, metavar="N", help="N training images per class, seeded (default all)")
+    mtil.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw (default 0)")
+    mtil.add_argument("--control", action="append", choices=["cifar10"], default=[],
+                      help="zero-shot-only control set, scored after every task, never trained (cifar10)")
+    mtil.add_argument("--tasks", help="comma-separated subset of the 11 datasets (default all; for smoke tests)")
+    mtil.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    mtil.add_argument("--overwrite", action="store_true", help="replace a stream already in --out")
+    mtil.set_defaults(func=run_build_mtil)
+
     check = commands.add_parser("check", help="read every shard; print a summary and each problem (exit 1 if any)")
     check.add_argument("manifest", help="manifest YAML path or builtin:<name>")
     check.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
@@ -184,3 +200,17 @@ def run_check(args) -> int:
     report = check_stream(load_stream(args.manifest, args.data_root), decode_images=not args.no_decode)
     print("\n".join(report.summary_lines()))
     return 0 if report.ok else 1
+
+
+def run_build_mtil(args) -> int:
+    import time
+
+    from streams.mtil import build_mtil
+
+    started = time.perf_counter()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    manifest = build_mtil(args.root, args.out, order=args.order, few_shot=args.few_shot, seed=args.seed,
+                          controls=args.control, tasks=tasks, shard_size=args.shard_size, overwrite=args.overwrite,
+                          progress=print)
+    print(f"{manifest} ({time.perf_counter() - started:.1f} s)")
+    return 0
