@@ -33,13 +33,13 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from streams.converters import MANIFEST_NAME, key_from_path, prepare_output, safe_name
+from streams.converters import MANIFEST_NAME, key_from_path, prepare_output, safe_name, stored_image
 from streams.errors import SourceError
 from streams.manifest import ShardSet, StreamSpec, TaskSpec, write_manifest
 from streams.mtil_classes import (AIRCRAFT, CALTECH, CARS, CIFAR10, CIFAR100, CLASS_NAMES, CONTROLS, DTD, EUROSAT,
                                   EUROSAT_FOLDERS, FLOWERS, FOOD, MNIST, ORDERS, PET, SUN, TEMPLATES,
                                   harness_class_name)
-from streams.writer import Sample, image_extension, write_split
+from streams.writer import Sample, write_split
 
 BUILD_INFO_NAME = "build.yaml"
 SPLIT_SEED = 42          # the harness's random_split generator seed
@@ -295,28 +295,12 @@ def few_shot_items(items: list[Item], shots: int, seed: int, task: str, classes:
 
 def image_of(item: Item, task: str):
     """Encoded bytes of an image file (kept as they are when JPEG/PNG/WebP), or a PIL image."""
-    from PIL import Image, UnidentifiedImageError
-
     if item.pixels is not None:
         import numpy as np
+        from PIL import Image
 
         return Image.fromarray(np.asarray(item.pixels))
-    try:
-        data = item.path.read_bytes()
-    except OSError as err:
-        raise SourceError(f"MTIL dataset {task}: cannot read {item.path} ({err})") from None
-    try:
-        image_extension(data)
-        return data
-    except SourceError:
-        pass
-    try:
-        import io
-
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise SourceError(f"MTIL dataset {task}: {item.path} is not a readable image ({err})") from None
+    return stored_image(item.path, f"MTIL dataset {task}")
 
 
 def samples_of(items: list[Item], task: str, classes: list[str], template: str) -> Iterator[Sample]:
