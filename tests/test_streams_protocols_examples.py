@@ -50,7 +50,7 @@ def test_mtil_configs_carry_the_harness_budget(path):
 
 def build_commands(text):
     """The `vlcl streams build ...` commands in a config's header comments, continuation lines joined."""
-    lines = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
+    lines = [line.strip().lstrip("#").strip() for line in text.splitlines() if line.strip().startswith("#")]
     joined = re.sub(r"\\\s*\n\s*", " ", "\n".join(lines))
     return [shlex.split(line.split("   #")[0], comments=False)[1:] for line in joined.splitlines()
             if line.startswith("vlcl streams build")]
