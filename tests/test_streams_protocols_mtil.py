@@ -234,3 +234,111 @@ def test_missing_or_misplaced_datasets_fail_before_any_work_naming_path_and_layo
     assert "labels/train1.txt, labels/test1.txt} (lines '<class>/<image>.jpg')" in str(caught.value)
     with pytest.raises(SourceError, match="unknown MTIL datasets \\['imagenet'\\]"):
         build_mtil(mtil_root, out, tasks=["imagenet"])
+
+
+@pytest.fixture(scope="module")
+def more_root(tmp_path_factory):
+    """ROOT with Aircraft, Caltech101, Food101, OxfordPet, StanfordCars and SUN397 in torchvision's layouts."""
+    from scipy.io import savemat
+
+    root = tmp_path_factory.mktemp("torchvision-more")
+    image = photos(1)[0]
+
+    data = root / "fgvc-aircraft-2013b" / "data"
+    (data / "images").mkdir(parents=True)
+    variants = ["707-320", "A300B4", "Cessna 172"]
+    (data / "variants.txt").write_text("\n".join(variants) + "\n")
+    for split, ids in (("train", range(100, 106)), ("test", range(200, 203))):
+        lines = [f"{1000000 + i} {variants[i % 3]}" for i in ids]
+        (data / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
+        for i in ids:
+            (data / "images" / f"{1000000 + i}.jpg").write_bytes(image)
+
+    categories = root / "caltech101" / "101_ObjectCategories"
+    for name in ["BACKGROUND_Google"] + [f"category{c:03d}" for c in range(101)]:
+        (categories / name).mkdir(parents=True)
+        for i in range(1, 3):
+            (categories / name / f"image_{i:04d}.jpg").write_bytes(image)
+
+    food = root / "food-101"
+    (food / "meta").mkdir(parents=True)
+    for split, ids in (("train", range(4)), ("test", range(4, 6))):
+        meta = {name: [f"{name}/{name_id}" for name_id in (f"{k}{i}" for i in ids for k in "12")]
+                for name in ("apple_pie", "baby_back_ribs")}
+        (food / "meta" / f"{split}.json").write_text(json.dumps(meta))
+        for entries in meta.values():
+            for entry in entries:
+                (food / "images" / entry).parent.mkdir(parents=True, exist_ok=True)
+                (food / "images" / f"{entry}.jpg").write_bytes(image)
+
+    pet = root / "oxford-iiit-pet"
+    (pet / "images").mkdir(parents=True)
+    (pet / "annotations").mkdir()
+    for split, ids in (("trainval", range(1, 4)), ("test", range(4, 6))):
+        lines = [f"{breed}_{i} {label} {species} 1" for i in ids
+                 for breed, label, species in (("Abyssinian", 1, 1), ("american_bulldog", 2, 2))]
+        (pet / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        for line in lines:
+            (pet / "images" / f"{line.split()[0]}.jpg").write_bytes(image)
+
+    cars = root / "stanford_cars"
+    (cars / "devkit").mkdir(parents=True)
+    savemat(cars / "devkit" / "cars_meta.mat",
+            {"class_names": np.array([["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]], dtype=object)})
+    fields = [(f, "O") for f in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")]
+    for folder, mat, count in (("cars_train", "devkit/cars_train_annos.mat", 4),
+                               ("cars_test", "cars_test_annos_withlabels.mat", 2)):
+        (cars / folder).mkdir()
+        rows = np.array([(0, 0, 9, 9, 1 + i % 2, f"{i + 1:05d}.jpg") for i in range(count)], dtype=fields)
+        savemat(cars / mat, {"annotations": rows.reshape(1, -1)})
+        for i in range(count):
+            (cars / folder / f"{i + 1:05d}.jpg").write_bytes(image)
+
+    sun = root / "SUN397"
+    sun.mkdir()
+    (sun / "ClassName.txt").write_text("/a/abbey\n/b/bakery/shop\n")
+    for relative in ("a/abbey", "b/bakery/shop"):
+        (sun / relative).mkdir(parents=True)
+        for i in range(5):
+            (sun / relative / f"sun_{relative[0]}{i:03d}.jpg").write_bytes(image)
+    return root
+
+
+OTHERS = ["fgvc-aircraft", "caltech101", "food101", "oxford-pet", "stanford-cars", "sun397"]
+
+
+@needs_sources
+def test_mtil_reads_the_other_torchvision_layouts(more_root, tmp_path):
+    import torch
+
+    spec = load_stream(build_mtil(more_root, tmp_path / "mtil", tasks=OTHERS, order="II"))
+    assert [t.name for t in spec.tasks] == ["stanford-cars", "food101", "oxford-pet", "sun397", "fgvc-aircraft",
+                                            "caltech101"]  # Order II, subset
+    tasks = {t.name: t for t in spec.tasks}
+    from streams.mtil_classes import CALTECH_CLASSES
+
+    assert tasks["fgvc-aircraft"].classes == ["707-320", "A300B4", "Cessna 172"]
+    assert tasks["caltech101"].classes == CALTECH_CLASSES
+    assert tasks["food101"].classes == ["apple pie", "baby back ribs"]
+    assert tasks["oxford-pet"].classes == ["Abyssinian", "American Bulldog"]
+    assert tasks["stanford-cars"].classes == ["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]
+    assert tasks["sun397"].classes == ["abbey", "bakery/shop"]
+    counts = {name: (t.train.samples, t.eval.samples) for name, t in tasks.items()}
+    assert counts == {"fgvc-aircraft": (6, 3), "caltech101": (161, 41), "food101": (16, 8), "oxford-pet": (6, 4),
+                      "stanford-cars": (4, 2), "sun397": (8, 2)}
+    assert all(task.templates == TEMPLATES[name] for name, task in tasks.items())
+    assert check_stream(spec).ok
+
+    # Caltech101: the harness's random_split over torchvision's order (sorted categories, image_0001, ...).
+    order = torch.randperm(202, generator=torch.Generator().manual_seed(42)).tolist()
+    index = [(c, i) for c in range(101) for i in (1, 2)]
+    expected = sorted(f"caltech101_101_ObjectCategories_category{index[p][0]:03d}_image_{index[p][1]:04d}_jpg"
+                      for p in order[161:])
+    assert sorted(k for k, _ in split_samples(spec, tasks["caltech101"].eval)) == expected
+    for key, files in split_samples(spec, tasks["caltech101"].eval):
+        meta = json.loads(files["json"])
+        assert meta["class"] == CALTECH_CLASSES[int(key.split("category")[1][:3])]
+    labels = {key: json.loads(f["json"])["class"] for key, f in split_samples(spec, tasks["oxford-pet"].train)}
+    assert labels["oxford-iiit-pet_images_american_bulldog_1_jpg"] == "American Bulldog"
+    assert {f["txt"].decode() for _, f in split_samples(spec, tasks["stanford-cars"].eval)} == \
+        {"a photo of a AM General Hummer SUV 2000, a type of car.", "a photo of a Acura RL Sedan 2012, a type of car."}
