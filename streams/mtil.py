@@ -357,19 +357,18 @@ def build_mtil(root: str | os.PathLike, out_dir: str | os.PathLike, order: str =
     if problems:
         raise MissingDatasetError(f"{len(problems)} of the {len(chosen + controls)} MTIL datasets cannot be read "
                                   f"under {root}:\n  " + "\n  ".join(problems))
+    train_items = {task: few_shot_items(opened[task].train, few_shot, seed, task, opened[task].classes)
+                   if few_shot else opened[task].train for task in chosen}
 
     out = prepare_output(out_dir, overwrite)
     specs: dict[str, TaskSpec] = {}
     for task in chosen + controls:
         splits = opened[task]
         templates = TEMPLATES[task]
-        train_items = splits.train
-        if few_shot and task not in controls:
-            train_items = few_shot_items(train_items, few_shot, seed, task, splits.classes)
         evaluation = write_shards(out, "eval", task, samples_of(splits.test, task, splits.classes, templates[0]),
                                   shard_size)
         train = None if task in controls else write_shards(
-            out, "train", task, samples_of(train_items, task, splits.classes, templates[0]), shard_size)
+            out, "train", task, samples_of(train_items[task], task, splits.classes, templates[0]), shard_size)
         specs[task] = TaskSpec(name=task, kind="classification", classes=splits.classes, templates=templates,
                                train=train, eval=evaluation)
         report(f"  {task}: {len(splits.classes)} classes, train {train.samples if train else 0}, "

@@ -195,6 +195,9 @@ def test_few_shot_from_the_command_line_is_seeded_and_keeps_the_whole_test_split
         assert sorted(labels) == sorted(list(range(len(task.classes))) * 2)
         assert [k for k, _ in train] == [k for k, _ in split_samples(again, again.tasks[first.tasks.index(task)].train)]
     assert first.tasks[0].eval.samples == 30
+    with pytest.raises(SourceError, match=r"dtd: --few-shot 3 but classes \{'banded': 2, 'cracked': 2"):
+        build_mtil(mtil_root, tmp_path / "short", tasks=["dtd"], few_shot=3)
+    assert not (tmp_path / "short").exists()  # checked before anything is written
     assert [k for k, _ in split_samples(first, first.tasks[0].train)] != \
         [k for k, _ in split_samples(other, other.tasks[0].train)]
 
