@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from streams.converters import MANIFEST_NAME, key_from_path, prepare_output, safe_name, stored_image
-from streams.errors import SourceError
+from streams.errors import MissingDatasetError, SourceError
 from streams.manifest import ShardSet, StreamSpec, TaskSpec, write_manifest
 from streams.mtil_classes import (AIRCRAFT, CALTECH, CARS, CIFAR10, CIFAR100, CLASS_NAMES, CONTROLS, DTD, EUROSAT,
                                   EUROSAT_FOLDERS, FLOWERS, FOOD, MNIST, ORDERS, PET, SUN, TEMPLATES,
@@ -45,10 +45,6 @@ BUILD_INFO_NAME = "build.yaml"
 SPLIT_SEED = 42          # the harness's random_split generator seed
 TRAIN_FRACTION = 0.8     # the harness's split_dataset ratio
 MAX_SAMPLES_PER_SHARD = 1000
-
-
-class MissingDatasetError(SourceError):
-    """One or more MTIL datasets are not on disk in the layout torchvision reads."""
 
 
 @dataclass(frozen=True)
