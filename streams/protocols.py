@@ -385,5 +385,14 @@ def build_reference(images: str | os.PathLike, captions: str | os.PathLike, out_
     return write_manifest(StreamSpec(name=name, eval_classifier="task", tasks=[task]), out / MANIFEST_NAME)
 
 
-__all__ = ["P9D_INDUSTRIES", "build_reference", "caption_class", "from_cc3m", "from_karpathy", "from_p9d",
+def reference_captions(manifest: str | os.PathLike) -> list[str] | None:
+    """Every caption of a reference stream built by `build_reference` (its captions.txt), for a loader
+    that takes ZSCL's reference texts apart from the images; None for a stream without the file."""
+    path = Path(manifest).parent / REFERENCE_CAPTIONS_NAME
+    if not path.is_file():
+        return None
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+__all__ = ["P9D_INDUSTRIES", "build_reference", "reference_captions", "caption_class", "from_cc3m", "from_karpathy", "from_p9d",
            "pre_caption", "read_captions"]

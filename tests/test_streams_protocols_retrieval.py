@@ -14,7 +14,7 @@ from streams.cli import add_streams_commands
 from streams.errors import MissingSourceError, SourceError
 from streams.manifest import load_stream
 from streams.protocols import (P9D_INDUSTRIES, build_reference, caption_class, from_cc3m, from_p9d, pre_caption,
-                               read_class_vocabulary)
+                               read_class_vocabulary, reference_captions)
 from streams.sources import Sources, on_white, tux_stamps
 from streams.writer import Sample, write_split
 
@@ -238,7 +238,8 @@ def test_reference_pairs_folder_images_with_shuffled_captions(stamps, tmp_path):
     assert task.kind == "retrieval" and task.train.samples == 20 and task.eval == task.train
     pairs = samples(spec, task.train)
     assert Counter(f["txt"].decode() for _, f in pairs) == Counter({c: 2 for c in captions})  # each dealt twice
-    assert (tmp_path / "ref" / "captions.txt").read_text().splitlines() == captions
+    assert reference_captions(tmp_path / "ref" / "manifest.yaml") == captions
+    assert reference_captions(tmp_path / "manifest.yaml") is None
     files_by_key = {p.relative_to(images).as_posix().replace("/", "_").replace(".", "_"): p for _, p in stamps}
     assert all(f["jpg"] == files_by_key[k].read_bytes() for k, f in pairs)
     assert check_stream(spec).ok
