@@ -288,7 +288,8 @@ def run_build_karpathy(args) -> int:
 
     print(from_karpathy(args.json, args.images, args.out, chunks=args.chunks,
                         train_splits=[s.strip() for s in args.train_splits.split(",") if s.strip()],
-                        test_split=args.test_split, name=args.name, control=tuple(args.control) if args.control else None,
+                        test_split=args.test_split, name=args.name,
+                        control=tuple(args.control) if args.control else None,
                         seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite))
     return 0
 

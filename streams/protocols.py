@@ -160,7 +160,8 @@ def from_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike, o
 
 # configs/base_seqF.yaml `task`, in order; English names for the manifest (spec §1.3).
 P9D_INDUSTRIES = {
-    "家居用品": "household", "家装家饰": "furnishings", "食品/保健": "food", "美容护理": "beauty", "服饰鞋包": "clothing",
+    "家居用品": "household", "家装家饰": "furnishings", "食品/保健": "food", "美容护理": "beauty",
+    "服饰鞋包": "clothing",
     "车品配件": "auto", "母婴": "parenting", "运动/户外": "outdoor", "3C数码": "electronics",
 }
 
@@ -394,5 +395,5 @@ def reference_captions(manifest: str | os.PathLike) -> list[str] | None:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-__all__ = ["P9D_INDUSTRIES", "build_reference", "reference_captions", "caption_class", "from_cc3m", "from_karpathy", "from_p9d",
-           "pre_caption", "read_captions"]
+__all__ = ["P9D_INDUSTRIES", "build_reference", "caption_class", "from_cc3m", "from_karpathy", "from_p9d",
+           "pre_caption", "read_captions", "reference_captions"]

@@ -226,7 +226,8 @@ def test_missing_or_misplaced_datasets_fail_before_any_work_naming_path_and_layo
     (broken / "eurosat" / "2750").mkdir(parents=True)
     for folder in EUROSAT_FOLDERS[:-1]:
         (broken / "eurosat" / "2750" / folder).symlink_to(mtil_root / "eurosat" / "2750" / folder)
-    with pytest.raises(MissingDatasetError, match=r"EuroSAT.*2750 holds the class folders \[.*'River'\].*harness's names are for"):
+    with pytest.raises(MissingDatasetError,
+                       match=r"EuroSAT.*2750 holds the class folders \[.*'River'\].*harness's names are for"):
         build_mtil(broken, out, tasks=["eurosat"])
     (broken / "dtd" / "dtd" / "labels").unlink()
     (broken / "dtd" / "dtd" / "labels").mkdir()
