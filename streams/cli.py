@@ -88,6 +88,81 @@ def add_streams_commands(subparsers) -> argparse.ArgumentParser:
     shards.add_argument("--eval-classifier", choices=["task", "stream"], default="task")
     shards.set_defaults(func=run_build_img2dataset)
 
+    mtil = sources.add_parser("mtil", help="MTIL (ZSCL): 11 torchvision datasets from disk, one task each, in "
+                                           "Order I or II, scored over each task's own classes")
+    mtil.add_argument("--root", required=True, help="folder holding the datasets as torchvision keeps them "
+                                                    "(the `root` of every torchvision class; download=False)")
+    mtil.add_argument("--out", required=True, help="folder for the shards and manifest.yaml")
+    mtil.add_argument("--order", choices=["I", "II"], default="I", help="task order of manifest.yaml (default I; "
+                      "manifest-order-I.yaml and manifest-order-II.yaml are written too, over the same shards)")
+    mtil.add_argument("--few-shot", type=int, metavar="N", help="N training images per class, seeded (default all)")
+    mtil.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw (default 0)")
+    mtil.add_argument("--control", action="append", choices=["cifar10"], default=[],
+                      help="zero-shot-only control set, scored after every task, never trained (cifar10)")
+    mtil.add_argument("--tasks", help="comma-separated subset of the 11 datasets (default all; for smoke tests)")
+    mtil.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    mtil.add_argument("--overwrite", action="store_true", help="replace a stream already in --out")
+    mtil.set_defaults(func=run_build_mtil)
+
+    reference = sources.add_parser("reference", help="reference image-text pairs for data.reference (ZSCL): images "
+                                                     "from a class-folder tree, captions paired at random")
+    reference.add_argument("--images", required=True, help="image folder of class folders (ImageNet train: "
+                                                           "DIR/<wnid>/<image>.JPEG)")
+    reference.add_argument("--captions", required=True, help="CC3M's TSV (caption<TAB>url, no header) or a .txt "
+                                                             "with one caption per line")
+    reference.add_argument("--out", required=True, help="folder for the shards, manifest.yaml and captions.txt")
+    reference.add_argument("--samples", type=int, help="images drawn from the folder, seeded (default all)")
+    reference.add_argument("--seed", type=int, default=0, help="seed of the image draw and the random pairing")
+    reference.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    reference.add_argument("--overwrite", action="store_true", help="replace a stream already in --out")
+    reference.set_defaults(func=run_build_reference)
+
+    karpathy = sources.add_parser("karpathy", help="COCO / Flickr30K from the Karpathy split JSON: test split as "
+                                                   "eval, training images cut into contiguous chunks (Mod-X phases)")
+    karpathy.add_argument("json", help="dataset_coco.json or dataset_flickr30k.json")
+    karpathy.add_argument("--images", required=True, help="image root: an image is IMAGES/[filepath/]filename")
+    karpathy.add_argument("--out", required=True, help="folder for the shards and manifest.yaml")
+    karpathy.add_argument("--chunks", type=int, default=1, help="tasks the training images are cut into, in JSON "
+                                                                "order (default 1; Mod-X: 5)")
+    karpathy.add_argument("--train-splits", default="train,restval",
+                          help="Karpathy splits trained on (default train,restval; Mod-X Flickr30K: train,val)")
+    karpathy.add_argument("--test-split", default="test", help="split evaluated (default test: COCO 5K, Flickr 1K)")
+    karpathy.add_argument("--control", nargs=2, metavar=("JSON", "IMAGES"),
+                          help="another Karpathy JSON and image root whose test split is a control set")
+    karpathy.add_argument("--name", help="stream/task name (default: the JSON's `dataset`)")
+    karpathy.add_argument("--seed", type=int, default=0, help="seed of each training image's caption draw")
+    karpathy.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    karpathy.add_argument("--overwrite", action="store_true", help="replace a stream already in --out")
+    karpathy.set_defaults(func=run_build_karpathy)
+
+    p9d = sources.add_parser("p9d", help="P9D (CTP): 9 industries as retrieval tasks, from the released json/ and "
+                                         "image folders")
+    p9d.add_argument("root", help="P9D folder: json/{train,test}.json, train_images/, gallery_images/")
+    p9d.add_argument("--out", required=True, help="folder for the shards and manifest.yaml")
+    p9d.add_argument("--order", choices=["default", "reverse"], default="default",
+                     help="CTP's order (household ... electronics) or reversed")
+    p9d.add_argument("--train-images", help="train image folder (default ROOT/train_images)")
+    p9d.add_argument("--test-images", help="test image folder (default ROOT/gallery_images, as CTP's config)")
+    p9d.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p9d.add_argument("--overwrite", action="store_true", help="replace a stream already in --out")
+    p9d.set_defaults(func=run_build_p9d)
+
+    cc3m = sources.add_parser("cc3m", help="img2dataset shards (CC3M) cut into tasks by instance, or by class "
+                                           "(OUR PROPOSAL: the paper's class split is not public)")
+    cc3m.add_argument("shards", nargs="+", help="img2dataset shard paths, globs or brace patterns")
+    cc3m.add_argument("--out", required=True, help="folder for the shards and manifest.yaml")
+    cc3m.add_argument("--tasks", type=int, required=True, help="number of tasks")
+    cc3m.add_argument("--split", choices=["instance", "class"], required=True,
+                      help="instance: by seeded key hash; class (our proposal): each caption gets the class of "
+                           "--classes occurring earliest in it, classes cut into contiguous groups, unmatched left out")
+    cc3m.add_argument("--classes", help="class list for --split class: one per line, optionally 'name: syn, syn'")
+    cc3m.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of each task (default 0.05)")
+    cc3m.add_argument("--seed", type=int, default=0, help="seed of the key hashes")
+    cc3m.add_argument("--name", default="cc3m", help="stream name prefix (default cc3m)")
+    cc3m.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    cc3m.add_argument("--overwrite", action="store_true", help="replace a stream already in --out")
+    cc3m.set_defaults(func=run_build_cc3m)
+
     check = commands.add_parser("check", help="read every shard; print a summary and each problem (exit 1 if any)")
     check.add_argument("manifest", help="manifest YAML path or builtin:<name>")
     check.add_argument("--no-decode", action="store_true", help="skip decoding images (faster)")
@@ -184,3 +259,53 @@ def run_check(args) -> int:
     report = check_stream(open_stream(args.manifest, args.data_root)[1], decode_images=not args.no_decode)
     print("\n".join(report.summary_lines()))
     return 0 if report.ok else 1
+
+
+def run_build_mtil(args) -> int:
+    import time
+
+    from streams.mtil import build_mtil
+
+    started = time.perf_counter()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    manifest = build_mtil(args.root, args.out, order=args.order, few_shot=args.few_shot, seed=args.seed,
+                          controls=args.control, tasks=tasks, shard_size=args.shard_size, overwrite=args.overwrite,
+                          progress=print)
+    print(f"{manifest} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def run_build_reference(args) -> int:
+    from streams.protocols import build_reference
+
+    print(build_reference(args.images, args.captions, args.out, samples=args.samples, seed=args.seed,
+                          shard_size=args.shard_size, overwrite=args.overwrite))
+    return 0
+
+
+def run_build_karpathy(args) -> int:
+    from streams.protocols import from_karpathy
+
+    print(from_karpathy(args.json, args.images, args.out, chunks=args.chunks,
+                        train_splits=[s.strip() for s in args.train_splits.split(",") if s.strip()],
+                        test_split=args.test_split, name=args.name,
+                        control=tuple(args.control) if args.control else None,
+                        seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite))
+    return 0
+
+
+def run_build_p9d(args) -> int:
+    from streams.protocols import from_p9d
+
+    print(from_p9d(args.root, args.out, order=args.order, train_images=args.train_images,
+                   test_images=args.test_images, shard_size=args.shard_size, overwrite=args.overwrite))
+    return 0
+
+
+def run_build_cc3m(args) -> int:
+    from streams.protocols import from_cc3m
+
+    print(from_cc3m(args.shards, args.out, tasks=args.tasks, split=args.split, classes_file=args.classes,
+                    eval_fraction=args.eval_fraction, seed=args.seed, name=args.name, shard_size=args.shard_size,
+                    overwrite=args.overwrite))
+    return 0

@@ -19,3 +19,7 @@ class SourceError(StreamError):
 
 class MissingSourceError(SourceError):
     """A packaged data source a stream recipe reads (Debian or npm package, rsvg-convert) is not installed."""
+
+
+class MissingDatasetError(SourceError):
+    """A dataset a protocol builder reads (MTIL's torchvision datasets) is not on disk in the layout it expects."""

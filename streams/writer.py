@@ -34,13 +34,15 @@ SHARD_DIGITS = 6
 
 @dataclass(frozen=True)
 class Sample:
-    """One image-text pair. `image` is a PIL image (encoded as PNG) or already-encoded JPEG/PNG bytes."""
+    """One image-text pair. `image` is a PIL image (encoded as PNG) or already-encoded JPEG/PNG bytes.
+    `extra`: more JSON-able fields for the sample's .json (e.g. all captions of a retrieval image)."""
 
     key: str
     image: Image.Image | bytes
     caption: str
     label: int | None = None
     class_name: str | None = None
+    extra: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ def sample_record(sample: Sample) -> dict[str, bytes | str]:
             raise SourceError(f"sample {sample.key!r}: {err}") from None
         encoded = sample.image
     record: dict[str, bytes | str] = {"__key__": sample.key, extension: encoded, "txt": sample.caption.encode("utf-8")}
-    meta = {}
+    meta = dict(sample.extra or {})
+    if {"label", "class"} & set(meta):
+        raise SourceError(f"sample {sample.key!r}: `extra` may not set label or class (use the fields)")
     if sample.label is not None:
         meta["label"] = int(sample.label)
     if sample.class_name is not None:
