@@ -11,6 +11,7 @@ import sys
 _COMMAND_MODULES = [
     ("streams.cli", "add_streams_commands"),
     ("orchestrator.sweep", "add_sweep_commands"),
+    ("orchestrator.study", "add_study_commands"),
     ("orchestrator.ui", "add_ui_commands"),
     ("orchestrator.report", "add_report_commands"),
     ("orchestrator.pretrain", "add_pretrain_commands"),

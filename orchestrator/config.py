@@ -85,6 +85,10 @@ class DataConfig(_Section):
     reference: str | None = Field(None, description="stream manifest of reference image-text pairs for methods that "
                                   "distil on reference data (zscl); never the training stream")
     reference_samples: int = Field(512, ge=1, description="reference pairs loaded from data.reference")
+    reference_texts: int | None = Field(
+        None, ge=1, description="captions kept for methods that draw reference texts apart from the images "
+                                "(ZSCL), from the reference stream's captions.txt when it has one (`vlcl streams "
+                                "build reference` writes it); default: data.reference_samples")
 
 
 class EvalConfig(_Section):

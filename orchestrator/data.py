@@ -31,7 +31,7 @@ class WorkerData:
         self.image_mean, self.image_std = image_mean, image_std
         self.tokenizer_factory = TokenizerFactory(self.config.model.name)
         self.skipped: list[str] = []
-        self._eval_cache: dict[str, DecodedSplit] = {}
+        self._eval_cache: dict[tuple, DecodedSplit] = {}
         self._train_cache: tuple[str, DecodedSplit] | None = None
 
     # ---- reading -----------------------------------------------------------------------------
@@ -118,11 +118,11 @@ class WorkerData:
         return len(self.train_split(task)) if task.train.cached else task.train.samples
 
     # ---- evaluation --------------------------------------------------------------------------
-    def eval_batches(self, task: TaskPlan, kind: str) -> Iterator[dict]:
-        """This worker's share of `task`'s eval set (`kind`: eval or control), in eval batches."""
+    def eval_batches(self, task: TaskPlan) -> Iterator[dict]:
+        """This worker's share of `task`'s eval (or control) set, in eval batches."""
         batch_size = self.config.eval.batch_size
         if task.eval.cached:
-            key = f"{kind}/{task.name}"
+            key = (task.eval.urls, task.classes)  # tasks that share an eval set share its decoded rows
             if key not in self._eval_cache:
                 self._eval_cache[key] = self._read(task.eval, task.classes, (self.rank, self.world))
             chunks = [self._eval_cache[key]]
@@ -136,13 +136,23 @@ class WorkerData:
                 yield self._on_device(chunk.rows(slice(start, start + batch_size)))
 
     def reference_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference pairs for methods that distil on them: this worker's share of the images
-        (normalised, on the device) and every caption's token ids."""
+        """Reference data for methods that distil on it: this worker's share of the images
+        (normalised, on the device) and the reference captions' token ids (all of them, on every
+        worker). The captions come from the stream's captions.txt when it has one - ZSCL draws its
+        texts apart from its images - else they are the images' own captions."""
+        import itertools
+
         reference = self.plan.reference
         decoded = read_split(list(reference.urls), self._decoder(()), limit=reference.samples)
         self.skipped.extend(decoded.skipped)
         pixels = self._on_device(decoded.rows(slice(self.rank, None, self.world)))["pixels"]
-        return normalize_pixels(pixels, self.image_mean, self.image_std), decoded.text
+        texts = decoded.text
+        if self.plan.reference_captions:
+            count = self.config.data.reference_texts or reference.samples
+            with open(self.plan.reference_captions, encoding="utf-8") as lines:
+                captions = [line.strip() for line in itertools.islice((x for x in lines if x.strip()), count)]
+            texts = torch.from_numpy(self._decoder(()).tokenize(captions))
+        return normalize_pixels(pixels, self.image_mean, self.image_std), texts
 
     def skipped_count(self) -> int:
         return len(self.skipped)

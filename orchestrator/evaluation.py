@@ -117,9 +117,16 @@ def evaluate_all(model, plan, data, tokenizer, image_mean, image_std, device, au
     model.eval()
     row, control_row, details = [], [], {}
     stream_classifier = None
+    scored: dict[tuple, dict] = {}  # tasks that share an eval set (e.g. Mod-X's phases) are scored once
     evaluated = [(task, "eval") for task in plan.tasks] + [(task, "control") for task in plan.control]
     for task, kind in evaluated:
-        batches = data.eval_batches(task, kind)
+        same_set = (kind == "eval" and plan.eval_classifier == "stream", task.kind, task.eval.urls, task.eval.cap,
+                    task.classes, task.templates)
+        if same_set in scored:
+            details[task.name] = scored[same_set]
+            (row if kind == "eval" else control_row).append(scored[same_set]["score"])
+            continue
+        batches = data.eval_batches(task)
         where = f"the eval set of task {task.name!r}" if kind == "eval" else f"control set {task.name!r}"
         if task.kind == "classification":
             # A control set is scored over its own classes: it is never part of the stream's label space.
@@ -140,7 +147,7 @@ def evaluate_all(model, plan, data, tokenizer, image_mean, image_std, device, au
             images, texts = (gather_ragged_rows(f) for f in retrieval_features(
                 model, batches, image_mean, image_std, device, autocast=autocast))
             result = recalls_from_features(images, texts, where)
-        details[task.name] = result
+        details[task.name] = scored[same_set] = result
         (row if kind == "eval" else control_row).append(result["score"])
     # Rank 0's copy, so that float noise can never make workers disagree about the matrix.
     return broadcast_object((row, control_row, details))

@@ -70,6 +70,7 @@ class RunPlan:
     control: tuple[TaskPlan, ...]
     image_size: int
     reference: SplitPlan | None = None
+    reference_captions: str | None = None  # captions.txt of the reference stream: texts apart from its images
     # filled in by the driver once the run exists
     use_gpu: bool = False
     tracking_uri: str = ""
@@ -172,11 +173,15 @@ def build_plan(config: RunConfig, image_size: int) -> RunPlan:
     control = tuple(TaskPlan(index=i, name=t.name, kind=t.kind, classes=tuple(t.classes), templates=tuple(t.templates),
                              eval=_split(stream, t.eval, image_size, config, cap))
                     for i, t in enumerate(stream.control))
-    reference = None
+    reference, reference_captions = None, None
     if config.data.reference:
-        _, reference_stream = open_stream(config.data.reference, config.data.root)
+        from streams.protocols import REFERENCE_CAPTIONS_NAME
+
+        reference_manifest, reference_stream = open_stream(config.data.reference, config.data.root)
         urls = tuple(u for t in reference_stream.tasks for u in reference_stream.shard_urls(t.train))
         reference = SplitPlan(urls=urls, samples=config.data.reference_samples, cached=True)
+        captions = Path(reference_manifest).parent / REFERENCE_CAPTIONS_NAME
+        reference_captions = str(captions) if captions.is_file() else None
     return RunPlan(config=config, manifest=manifest, stream_name=stream.name, eval_classifier=stream.eval_classifier,
                    stream_classes=tuple(stream.stream_classes()), tasks=tuple(planned), control=control,
-                   image_size=image_size, reference=reference)
+                   image_size=image_size, reference=reference, reference_captions=reference_captions)

@@ -169,7 +169,8 @@ def collect_runs(tracking_uri: str, experiment: str, metric: str = "score",
             if len(rows) != len(tasks) + 1:
                 left_out.append(f"{name} (stopped after {len(rows) - 1} of {len(tasks)} tasks)")
                 continue
-            variant = variant_name(name, seed)
+            order = run.data.tags.get("vlcl.order")  # a study's runs: grouped by method and task order
+            variant = f"order {order}" if order else variant_name(name, seed)
             if (method, variant, seed) in seen:  # runs are newest first: a rerun replaces the older one
                 left_out.append(f"{name} ({run.info.run_id}: an older run of the same variant and seed)")
                 continue
@@ -187,7 +188,7 @@ def build_report(experiment: str, experiment_id: str, records: list[RunRecord], 
     if not records:
         raise ReportError(f"experiment {experiment!r} has no finished vlcl runs with a full accuracy matrix"
                           + (f" (left out: {'; '.join(left_out)})" if left_out else ""))
-    task_lists = {tuple(r.tasks) for r in records}
+    task_lists = {tuple(sorted(r.tasks)) for r in records}  # a study's task orders differ; its tasks do not
     if len(task_lists) > 1:
         raise ReportError(f"runs of experiment {experiment!r} cover different task lists {sorted(task_lists)}; "
                           "report one stream per experiment (tracking.experiment)")

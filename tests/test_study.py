@@ -1,0 +1,32 @@
+"""Studies: the (method, order, seed) grid is laid out and validated before Ray starts."""
+import pytest
+
+from orchestrator.study import StudyConfigError, plan_study
+
+
+def test_every_method_order_and_seed_is_one_validated_run(digits_manifest):
+    plan = plan_study({"name": "orders", "base": {"stream": str(digits_manifest), "train": {"max_steps_per_task": 3}},
+                       "methods": ["finetune", "lwf"], "orders": {"default": "default", "reverse": "reverse"},
+                       "seeds": [0, 1], "resources": {"workers": 1, "cpus_per_worker": 0.5}})
+    assert len(plan.runs) == 8
+    names = [r.config.tracking.run_name for r in plan.runs]
+    assert len(set(names)) == 8 and "lwf-digits-reverse-s1" in names
+    by_name = {r.config.tracking.run_name: r for r in plan.runs}
+    forward = by_name["finetune-digits-default-s0"].config.task_order
+    assert forward == [f"digits-{i}-{i + 1}" for i in range(0, 10, 2)]
+    assert by_name["finetune-digits-reverse-s0"].config.task_order == forward[::-1]
+    assert {r.config.tracking.experiment for r in plan.runs} == {"orders"}
+    assert all(r.config.train.max_steps_per_task == 3 and r.config.train.cpus_per_worker == 0.5 for r in plan.runs)
+    assert by_name["lwf-digits-default-s1"].config.train.seed == 1
+
+
+def test_bad_axes_are_named_before_any_work(digits_manifest):
+    base = {"stream": str(digits_manifest)}
+    with pytest.raises(StudyConfigError, match=r"orders.odd: task_order: \['digits-0-9'\] are not tasks"):
+        plan_study({"base": base, "methods": ["finetune"], "orders": {"odd": ["digits-0-9"]}})
+    with pytest.raises(StudyConfigError, match="method 'nope'.*unknown method"):
+        plan_study({"base": base, "methods": ["nope"]})
+    with pytest.raises(StudyConfigError, match="methods"):
+        plan_study({"base": base, "methods": []})
+    with pytest.raises(StudyConfigError, match="data.reference"):  # zscl needs reference data: said per run
+        plan_study({"base": base, "methods": ["zscl"]})
