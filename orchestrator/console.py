@@ -8,6 +8,7 @@ runs and draws the lines.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -15,8 +16,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import ray
 
 LIBRARY_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings", "urllib3", "filelock", "fsspec")
 
@@ -41,9 +40,8 @@ class TaskEvaluated:
     train_seconds: float
 
 
-@ray.remote(num_cpus=0)
 class ProgressSink:
-    """A mailbox between rank 0 and the driver's console."""
+    """A mailbox between rank 0 and the driver's console (a Ray actor: `start_progress_sink`)."""
 
     def __init__(self):
         self.records: list = []
@@ -56,35 +54,54 @@ class ProgressSink:
         return records
 
 
-def route_library_logs(log_file: Path, verbose: bool) -> logging.Handler:
-    """Send the libraries' logging (and Python warnings) to `log_file`; also to stderr with `verbose`.
+def start_progress_sink():
+    import ray
+
+    return ray.remote(num_cpus=0)(ProgressSink).remote()
+
+
+@contextlib.contextmanager
+def library_logs_to(log_file: Path, verbose: bool):
+    """While inside: the libraries' logging (and Python warnings) goes to `log_file`, and to stderr
+    only with `verbose`. On exit every logger is as it was. Yields the file handler.
 
     Ray and MLflow install their own stderr handlers on their loggers when imported: both are
-    imported first, so that those handlers are the ones replaced."""
+    imported first, so that those handlers are the ones set aside."""
     import mlflow  # noqa: F401
+    import ray  # noqa: F401
+
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    was_capturing = getattr(logging, "_warnings_showwarning", None) is not None
     logging.captureWarnings(True)
+    root = logging.getLogger()
+    root_level = root.level
     for name in ("", *LIBRARY_LOGGERS):
         logger = logging.getLogger(name)
-        if not verbose:
-            for old in list(logger.handlers):
-                if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
-                    logger.removeHandler(old)
+        # the libraries' console handlers (Ray's is a StreamHandler subclass); a test runner's capture
+        # handlers and any file handler stay where they are
+        console_handlers = [] if verbose else [
+            h for h in logger.handlers if isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.stdout)]
+        saved.append((logger, console_handlers, logger.propagate))
+        for old in console_handlers:
+            logger.removeHandler(old)
         logger.addHandler(handler)
         if name:
             logger.propagate = False
-            if verbose:
-                logger.addHandler(logging.StreamHandler(sys.stderr))
-    logging.getLogger().setLevel(logging.INFO)
-    return handler
-
-
-def unroute_library_logs(handler: logging.Handler) -> None:
-    for name in ("", *LIBRARY_LOGGERS):
-        logging.getLogger(name).removeHandler(handler)
-    handler.close()
+    root.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        for logger, console_handlers, propagate in saved:
+            logger.removeHandler(handler)
+            for old in console_handlers:
+                logger.addHandler(old)
+            logger.propagate = propagate
+        root.setLevel(root_level)
+        logging.captureWarnings(was_capturing)
+        handler.close()
 
 
 def format_duration(seconds: float) -> str:
@@ -127,6 +144,8 @@ class Console:
         self._end_line()
 
     def _drain(self) -> list:
+        import ray
+
         try:
             return ray.get(self.sink.drain.remote(), timeout=10)
         except Exception:  # the sink is gone with a failed run: nothing more to draw

@@ -283,6 +283,16 @@ class PretrainResult:
 
 def pretrain(args: argparse.Namespace, echo=print) -> PretrainResult:
     """Decode -> cache trunk features -> evaluate (before) -> LiT -> evaluate (after) -> save + MLflow."""
+    from orchestrator.console import library_logs_to
+
+    if (args.epochs is None) == (args.steps is None):
+        raise ConfigError("pretrain: give exactly one of --epochs and --steps")
+    out = Path(args.out).expanduser().resolve()
+    with library_logs_to(out.with_suffix(".log"), verbose=False):  # MLflow's and the libraries' logs
+        return _pretrain(args, out, echo)
+
+
+def _pretrain(args: argparse.Namespace, out: Path, echo) -> PretrainResult:
     import torch
 
     from methods.models import build_model
@@ -290,9 +300,6 @@ def pretrain(args: argparse.Namespace, echo=print) -> PretrainResult:
     from streams.builtin import open_stream
 
     started = time.time()
-    if (args.epochs is None) == (args.steps is None):
-        raise ConfigError("pretrain: give exactly one of --epochs and --steps")
-    out = Path(args.out).expanduser().resolve()
     uri = tracking.resolve_tracking_uri(RunConfig(tracking=TrackingConfig(uri=args.tracking_uri)))
     tracking.check_reachable(uri)  # before any work
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -374,6 +381,7 @@ def pretrain(args: argparse.Namespace, echo=print) -> PretrainResult:
         summary_path.write_text(json.dumps(summary, indent=1))
         logger.log_metrics({"train/final_loss": losses[-1], "train/seconds": seconds["train"]}, step=steps)
         logger.log_artifact(str(summary_path))
+        logger.log_artifact(str(out.with_suffix(".log")))
     except BaseException:
         logger.finish("FAILED")
         raise

@@ -65,7 +65,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     from ray.train.torch import TorchTrainer
 
     from methods.models import build_model
-    from orchestrator.console import Console, ProgressSink, route_library_logs, unroute_library_logs
+    from orchestrator.console import Console, library_logs_to, start_progress_sink
     from orchestrator.plan import build_plan
     from orchestrator.runtime import cluster_has_gpus, ensure_ray
     from orchestrator.tracking import Tracker, check_reachable, default_run_name, resolve_tracking_uri
@@ -82,8 +82,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
         raise ConfigError(f"--resume: no unfinished run named {run_name!r} under {output}; start it without --resume")
     ray_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
     log_file = output / ray_name / "vlcl.log"
-    log_handler = route_library_logs(log_file, verbose)
-    try:
+    with library_logs_to(log_file, verbose) as log_handler:
         ensure_ray(verbose=verbose)
         if state:
             tracker = Tracker(uri, state["run_id"], state["experiment_id"])
@@ -92,29 +91,29 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
         else:
             tracker = Tracker.start_sequence(replace(plan, tracking_uri=uri), parent_run_id=parent_run_id,
                                              run_name_suffix=run_name_suffix, extra_tags=extra_tags)
-        sink = None if quiet else ProgressSink.remote()
-        plan = replace(plan, tracking_uri=uri, run_id=tracker.run_id, resume_from=resume_from,
-                       use_gpu=cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu),
-                       fault=FaultInjection.from_env(), progress_sink=sink, started_at=started)
-        run_state = {"run_name": run_name, "run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
-                     "ray_name": ray_name, "previous": state["ray_name"] if state else None, "finished": False}
-        write_state(output / "runs" / f"{ray_name}.json", run_state)
-        datasets, skip_counter = streamed_datasets(plan)
-        trainer = TorchTrainer(
-            train_sequence,
-            train_loop_config={"plan": plan, "skip_counter": skip_counter},
-            scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=plan.use_gpu,
-                                                   resources_per_worker={"CPU": config.train.cpus_per_worker}),
-            run_config=ray.train.RunConfig(name=ray_name, storage_path=str(output),
-                                           failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-                                           callbacks=ray_callbacks or None),
-            datasets=datasets or None,
-        )
-        console = None
-        if sink is not None:
-            console = Console(sink, len(plan.tasks))
-            console.header(run_header(plan, tracker, resume_from, log_file))
-        try:
+        try:  # the MLflow run exists from here on: any failure marks it FAILED
+            sink = None if quiet else start_progress_sink()
+            plan = replace(plan, tracking_uri=uri, run_id=tracker.run_id, resume_from=resume_from,
+                           use_gpu=cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu),
+                           fault=FaultInjection.from_env(), progress_sink=sink, started_at=started)
+            run_state = {"run_name": run_name, "run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
+                         "ray_name": ray_name, "previous": state["ray_name"] if state else None, "finished": False}
+            write_state(output / "runs" / f"{ray_name}.json", run_state)
+            datasets, skip_counter = streamed_datasets(plan)
+            trainer = TorchTrainer(
+                train_sequence,
+                train_loop_config={"plan": plan, "skip_counter": skip_counter},
+                scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=plan.use_gpu,
+                                                       resources_per_worker={"CPU": config.train.cpus_per_worker}),
+                run_config=ray.train.RunConfig(name=ray_name, storage_path=str(output),
+                                               failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+                                               callbacks=ray_callbacks or None),
+                datasets=datasets or None,
+            )
+            console = None
+            if sink is not None:
+                console = Console(sink, len(plan.tasks))
+                console.header(run_header(plan, tracker, resume_from, log_file))
             with console or contextlib.nullcontext():
                 result = trainer.fit()
             if result.error:
@@ -130,8 +129,6 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
         log_handler.flush()
         tracker.log_artifact(str(log_file))
         tracker.finish("FINISHED")
-    finally:
-        unroute_library_logs(log_handler)
     return SequenceResult(run_id=tracker.run_id, experiment_id=tracker.experiment_id, tasks=plan.task_names,
                           matrix=progress.matrix, summary=summary, tracking_uri=uri,
                           skipped_samples=progress.skipped_samples, wall_seconds=time.time() - started,

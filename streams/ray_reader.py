@@ -107,11 +107,19 @@ def task_dataset(urls: list[str], image_size: int, tokenizer_factory: Callable[[
         raise ValueError("task_dataset needs at least one shard URL")
     raw = ray.data.read_webdataset(list(urls), decoder=None, filesystem=filesystem,
                                    shuffle="files" if train else None)
+    settings = {"image_size": image_size, "tokenizer_factory": tokenizer_factory, "classes": list(classes),
+                "on_bad_sample": on_bad_sample, "skip_counter": skip_counter, "ship_encoded": ship_encoded}
+
+    class BoundSampleDecoder(SampleDecoder):
+        """The settings travel with the class, not as constructor arguments: Ray Data puts those in
+        the object store, and an actor that Ray may restart (Ray Data's default) should not depend
+        on objects that can be lost (Ray logs an error line for every such actor)."""
+
+        def __init__(self):
+            super().__init__(**settings)
+
     decoded = raw.map_batches(
-        SampleDecoder,
-        fn_constructor_kwargs={"image_size": image_size, "tokenizer_factory": tokenizer_factory,
-                               "classes": list(classes), "on_bad_sample": on_bad_sample,
-                               "skip_counter": skip_counter, "ship_encoded": ship_encoded},
+        BoundSampleDecoder,
         batch_format="pandas",
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=decoders),

@@ -28,3 +28,23 @@ def digits_manifest(tmp_path_factory):
     from streams.builtin import materialize_builtin
 
     return materialize_builtin("digits", tmp_path_factory.mktemp("vlcl-data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers stay honest: a test that uses the shared Ray instance must carry the `ray` mark."""
+    unmarked = [item.nodeid for item in items if "ray_session" in getattr(item, "fixturenames", ())
+                and item.get_closest_marker("ray") is None]
+    if unmarked:
+        raise pytest.UsageError("tests using ray_session without @pytest.mark.ray: " + ", ".join(unmarked))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """...and a test that starts Ray some other way fails unless it is marked `ray` too."""
+    import sys
+
+    started_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    outcome = yield
+    ray = sys.modules.get("ray")
+    if ray is not None and not started_before and ray.is_initialized() and item.get_closest_marker("ray") is None:
+        outcome.force_exception(AssertionError(f"{item.nodeid} started Ray but is not marked @pytest.mark.ray"))

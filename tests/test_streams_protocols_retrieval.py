@@ -1,7 +1,6 @@
 """Retrieval-protocol streams (Karpathy JSON, P9D, CC3M chunks) and ZSCL reference data, built from
 real Tux Paint photos and their captions laid out as each release ships them."""
 import argparse
-import io
 import json
 from collections import Counter
 
