@@ -69,14 +69,15 @@ def synthetic_batch(built, batch_size: int, num_classes: int, device: torch.devi
             "text": text.to(device), "label": labels.to(device)}
 
 
-def task_info(index: int, kind: str, steps: int):
+def task_info(index: int, kind: str, steps: int, train_samples: int = 0):
     from methods import TaskInfo
 
     classes = DIGIT_NAMES[5 * index:5 * index + 5]
     if kind == "retrieval":
-        return TaskInfo(index=index, name=f"captions-{index}", kind="retrieval", num_tasks=2, steps=steps)
+        return TaskInfo(index=index, name=f"captions-{index}", kind="retrieval", num_tasks=2, steps=steps,
+                        train_samples=train_samples)
     return TaskInfo(index=index, name=f"digits-{index}", kind="classification", num_tasks=2,
-                    class_names=classes, templates=(TEMPLATE,), steps=steps)
+                    class_names=classes, templates=(TEMPLATE,), steps=steps, train_samples=train_samples)
 
 
 def give_reference_data(method, built, samples: int, device: torch.device, generator: torch.Generator) -> None:
@@ -104,11 +105,14 @@ def measure_method(name: str, built, base_state: dict, args, device: torch.devic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     method = cls(model, built.tokenizer)
-    if getattr(cls, "needs_reference_data", False):
+    if cls.needs_reference_data:
         give_reference_data(method, built, args.reference_samples, device, generator)
     autocast = autocast_for(args.precision, device)
     num_classes = 5
     batches = [synthetic_batch(built, args.batch, num_classes, device, generator) for _ in range(4)]
+    if cls.needs_independent_batch:   # the second, independently drawn batch vlcl's loop adds (LwF)
+        batches = [{**b, "independent": synthetic_batch(built, args.batch, num_classes, device, generator)}
+                   for b in batches]
 
     def new_optimizer():
         return torch.optim.AdamW(method.trainable_parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -119,7 +123,7 @@ def measure_method(name: str, built, base_state: dict, args, device: torch.devic
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        method.after_step()
+        method.after_step(batch, losses)
 
     first = task_info(0, args.task_kind, TASK0_STEPS)
     method.before_task(first)
@@ -128,7 +132,7 @@ def measure_method(name: str, built, base_state: dict, args, device: torch.devic
         step(optimizer, batches[i % len(batches)])
     method.after_task(first, lambda: iter(batches[:2]))
 
-    second = task_info(1, args.task_kind, args.warmup + args.steps + 1)
+    second = task_info(1, args.task_kind, args.warmup + args.steps + 1, train_samples=len(batches) * args.batch)
     method.before_task(second)
     optimizer = new_optimizer()  # vlcl's default: train.reset_optimizer_each_task
     for i in range(args.warmup):

@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     names = args.methods or ["finetune"] + sorted(n for n, c in METHODS.items()
-                                                  if n != "finetune" and not getattr(c, "needs_reference_data", False))
+                                                  if n != "finetune" and not c.needs_reference_data)
     rows = []
     for name in names:
         config = load_run_config(args.config, [*args.overrides, f"method.name={name}"])

@@ -71,7 +71,7 @@ def run_config(method: str, checkpoint: Path, args, tracking_uri: str):
     from methods import get_method
 
     method_class = get_method(method)
-    if getattr(method_class, "needs_reference_data", False):
+    if method_class.needs_reference_data:
         overrides.append(f"data.reference={PRETRAIN_STREAM}")
     if "avg_freq" in method_class.Hparams.model_fields:
         # The weight ensemble samples every avg_freq steps: ZSCL's 100 is 10 samples of a ~1000-step

@@ -3,20 +3,34 @@
 A method wraps an open_clip model and owns everything it keeps across tasks. The training loop
 that drives it (vlcl's Ray Train loop, or anyone's plain PyTorch loop) calls, per task:
 
-    method.before_task(task)
-    for batch in task_batches:
-        losses = method.training_loss(batch)   # {"loss": total, "<term>": ..., ...}
-        losses["loss"].backward(); optimizer.step(); optimizer.zero_grad()
-        method.after_step()
-    method.after_task(task, batches_of_the_task)
-    evaluate(method.eval_model())
+    if method.needs_reference_data:
+        method.set_reference_data(reference_images, reference_texts)   # once, before the first task
+    for task in tasks:                         # TaskInfo(..., steps=planned steps, train_samples=rows)
+        method.set_hparams(hparams_of(task))   # only where per-task settings change the method's hparams
+        method.before_task(task)
+        optimizer = AdamW(method.trainable_parameters(), ...)
+        for batch in task_batches:
+            if method.needs_independent_batch:
+                batch["independent"] = next(independent_batches)   # see below
+            losses = method.training_loss(batch)   # {"loss": total, "<term>": ..., ...}
+            losses["loss"].backward(); optimizer.step(); optimizer.zero_grad()
+            method.after_step(batch, losses)
+        method.after_task(task, batches_of_the_task)
+        evaluate(method.eval_model())
 
 The loop owns backward, the optimizer, AMP and gradient averaging; the method only returns named
 loss tensors, so every term can be logged and a new term needs no change to the loop.
 
 A batch is a dict: `image` (B,3,H,W) normalised float, `pixels` (B,3,H,W) uint8 (the same images
 before normalisation, for methods that store samples), `text` (B,L) token ids, `label` (B,) int64
-(-1 where a sample has no label).
+(-1 where a sample has no label). A method whose class sets `needs_independent_batch` also needs
+`independent`: a dict with the same four keys holding a second batch of the *current* task, drawn
+independently of the training batch (its own shuffle) and preprocessed for evaluation (no
+augmentation), as the ZSCL harness's LwF reference stream.
+
+What a method needs from the loop is declared on its class, never sniffed (defaults False):
+`needs_reference_data` (call `set_reference_data` before the first task), `trains_logit_scale`
+(`trainable_parameters()` includes `logit_scale`; the method clamps it), `needs_independent_batch`.
 """
 from __future__ import annotations
 
@@ -51,6 +65,7 @@ class TaskInfo:
     class_names: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
     steps: int = 0  # optimizer steps planned for this task (0 = unknown)
+    train_samples: int = 0  # rows in the task's training split (0 = unknown)
     extra: dict = field(default_factory=dict)
 
 
@@ -70,7 +85,12 @@ class ContinualMethod:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Hparams: ClassVar[type[MethodHparams]] = MethodHparams
+    # what the method needs from the loop (see the module docstring)
     needs_reference_data: ClassVar[bool] = False
+    trains_logit_scale: ClassVar[bool] = False
+    needs_independent_batch: ClassVar[bool] = False
+    # hyperparameters that shape state built once (memories, queues, seeds): set_hparams refuses to change them
+    fixed_hparams: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, tokenizer, hparams: MethodHparams | dict | None = None, **overrides: Any):
         self.model = model
@@ -92,6 +112,23 @@ class ContinualMethod:
             known = ", ".join(cls.Hparams.model_fields)
             raise HparamError(f"{cls.name}: {problems} (known fields: {known})") from None
 
+    def set_hparams(self, hparams: MethodHparams | dict) -> None:
+        """Replace the hyperparameters between tasks (call before `before_task` of the task they are for).
+
+        `hparams` is the complete set for the coming task, validated like the constructor's (fields
+        it leaves out take their defaults, not their previous values). Fields in `fixed_hparams`
+        shape state built once (a memory's budget, a queue, a seed) and must keep their value.
+        Subclasses that derive state from hparams extend this and rebuild that state.
+        """
+        new = self.validate_hparams(hparams)
+        old_values, new_values = self.hparams.model_dump(), new.model_dump()
+        changed = [f for f in self.fixed_hparams if old_values[f] != new_values[f]]
+        if changed:
+            raise HparamError(f"{self.name}: " + "; ".join(
+                f"method.hparams.{f} cannot change between tasks ({old_values[f]!r} -> {new_values[f]!r})" for f in changed)
+                + "; it shapes state kept across tasks, so set it once for the whole run")
+        self.hparams = new
+
     # ---- hooks -----------------------------------------------------------------------------
     def before_task(self, task: TaskInfo) -> None:
         self.task = task
@@ -105,8 +142,8 @@ class ContinualMethod:
         loss = self.task_loss(batch)
         return {"loss": loss, "task": loss}
 
-    def after_step(self) -> None:
-        pass
+    def after_step(self, batch: Batch, losses: dict[str, torch.Tensor]) -> None:
+        """After the optimizer step: `batch` is the dict given to `training_loss`, `losses` what it returned."""
 
     def after_task(self, task: TaskInfo, batches: BatchSource | None = None) -> None:
         pass
@@ -115,8 +152,10 @@ class ContinualMethod:
         return self.model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Every parameter but the logit scale/bias, which stay frozen as in ZSCL."""
-        return [p for n, p in self.model.named_parameters() if p.requires_grad and n not in ("logit_scale", "logit_bias")]
+        """Every parameter but the logit bias and, unless the class `trains_logit_scale`, the logit
+        scale: both stay frozen as in ZSCL."""
+        frozen = ("logit_bias",) if self.trains_logit_scale else ("logit_scale", "logit_bias")
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and n not in frozen]
 
     def state_dict(self) -> dict:
         """Everything the method keeps across tasks besides `self.model` (the loop saves that)."""
@@ -144,11 +183,13 @@ class ContinualMethod:
         return mode
 
     def task_loss(self, batch: Batch, model: nn.Module | None = None, image_features: torch.Tensor | None = None,
-                  text_features: torch.Tensor | None = None) -> torch.Tensor:
+                  text_features: torch.Tensor | None = None,
+                  contrastive_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """The current task's own objective: CE over the task's class prompts, or CLIP's contrastive loss.
 
         Methods that already encoded the batch (normalised, with grad) pass `image_features` /
-        `text_features` so the batch is not encoded twice.
+        `text_features` so the batch is not encoded twice. `contrastive_scale` replaces the model's
+        logit scale in the contrastive loss (CTP's fixed 1/τ); the class-prompt CE keeps the model's.
         """
         model = model or self.model
         if image_features is None:
@@ -159,7 +200,8 @@ class ContinualMethod:
             return F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
         if text_features is None:
             text_features = model.encode_text(batch["text"], normalize=True)
-        return clip_contrastive_loss(image_features, text_features, self.logit_scale)
+        return clip_contrastive_loss(image_features, text_features,
+                                     self.logit_scale if contrastive_scale is None else contrastive_scale)
 
 
 def fill_template(template: str, class_name: str) -> str:

@@ -7,31 +7,43 @@ R's *relative* similarity structure of each batch (image↔text, image↔image, 
 row-wise KL, so relations are kept rather than absolute feature positions.
 
 Per step (F, T: local normalised features with grad; *_all: gathered across ranks; M, R: momentum
-and reference features; Q_I, Q_T: feature queues; τ = 0.07 fixed as in CTP):
-    moco(i→t) = CE(F [T^M_all; Q_T]ᵀ/τ, own index),  moco(t→i) likewise;  cmc = ½ (i→t + t→i)
+and reference features; Q_I, Q_T: feature queues; τ = 0.07 fixed as in CTP, `models/clip_pretrain.py`):
+    ita        = ½ [CE(F T_allᵀ/τ, own index) + CE(T F_allᵀ/τ, own index)]   (L_task on retrieval tasks)
+    moco(i→t)  = CE(F [T^M; Q_T]ᵀ/τ, own index),  moco(t→i) likewise;  cmc = ½ (i→t + t→i)
     topo_cross = ½ [KL(sm(F^R T^R_allᵀ/τ) ‖ sm(F T_allᵀ/τ)) + KL(sm(T^R F^R_allᵀ/τ) ‖ sm(T F_allᵀ/τ))]
     topo_intra = ½ [the same on F F_allᵀ and T T_allᵀ, self-similarity set to −1000 on both sides]
-    task 0:   L = ½ L_task + ½ cmc                          (CTP_init's L_ita)
+    task 0:   L = L_task + cmc                              (CTP_init: loss_ita = cmc + ita, summed)
     task ≥ 1: L = L_task + cmc + topo_cross + topo_intra    (all weights 1, train_CTP.py:101)
-The queues take the gathered momentum features after each step (ring buffer, never reset between
-tasks, random at the start, as in CTP). The momentum model is re-copied from the model at every
-task start; R is the model at the task start. The trained model (not the momentum one) is the
-task's output.
+The momentum keys T^M, F^M are this worker's own momentum features (`momentum_keys="local"`, the
+default): the official CTP_init/CTP build the momentum logits from the local `text_feat_m` /
+`image_feat_m` with diagonal targets, so each GPU contrasts against its own b keys plus the queue.
+That is why it is the default (fidelity); it makes the term depend on the local batch size, so
+`momentum_keys="global"` (vlcl's earlier form) uses the keys of the whole gathered batch instead,
+which gives the same value at any world size (identical to "local" in one process). Either way the
+queues take the *gathered* momentum features after each step (the official `_dequeue_and_enqueue`
+all-gathers before enqueueing): a ring buffer, identical on every rank, never reset between tasks,
+random at the start, as in CTP. The momentum model is re-copied from the model at every task start;
+R is the model at the task start. The trained model (not the momentum one) is the task's output.
 
 Contrastive only, no MLM: CTP's base model is ALBEF-style with a fusion encoder and MLM head, so its
 L_mlm and momentum MLM distillation have no counterpart in a CLIP dual encoder (spec §2.2
-pitfalls; the ITA-only variant). L_task is vlcl's task loss (CLIP contrastive with the model's
-scale on retrieval tasks, class-prompt CE on classification tasks); `use_model_scale=True` uses the
-model's logit scale instead of 1/τ in the CTP terms.
+pitfalls; the ITA-only variant). L_task on retrieval tasks is CTP's ita with the fixed 1/τ
+(`task_use_model_scale=True`: vlcl's shared contrastive task loss with the model's logit scale,
+e.g. scale 100 for OpenAI weights); on classification tasks it is vlcl's class-prompt CE (model
+scale). `use_model_scale=True` uses the model's logit scale instead of 1/τ in the CTP terms.
 
-CTP+ER (spec §4.14): `memory_size > 0` adds ER's reservoir memory; memory rows are concatenated to
-every batch (all terms see them; on classification tasks the task term scores them against their
-own task's class prompts). Needs `pixels` in every batch then; nothing in `after_task`.
+CTP+ER (spec §4.14): `memory_size > 0` adds ER's reservoir memory, mixed in as ER does
+(`replay_mix`: by default CTP's buffer appended to the task data, Binomial(B, |M|/(|M|+N)) batch
+rows replaced by memory rows; "half_batch" concatenates `replay_batch_size` memory rows). All terms
+see the memory rows; on classification tasks the task term scores them against their own task's
+class prompts. Needs `pixels` in every batch then (and `TaskInfo.train_samples` for "appended").
 DDP: features are gathered with gradient (targets = rank·b + i), momentum features without; the
 queue, momentum and reference models stay identical on every rank. cmc and topology terms are
 means over local rows (average across workers gives the global value).
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +52,7 @@ from pydantic import Field
 from methods.base import Batch, ContinualMethod, MethodHparams, TaskInfo, frozen_copy
 from methods.distributed import gather_no_grad, gather_with_grad, rank
 from methods.losses import kl_rows
+from methods.er import ReplayMix, mixed_task_terms
 from methods.memory import Replay, require_pixels
 from methods.method_state import load_task_state, load_teacher, task_state, teacher_state
 
@@ -85,6 +98,10 @@ def momentum_update_(momentum: torch.nn.Module, model: torch.nn.Module, m: float
 class CTPHparams(MethodHparams):
     temperature: float = Field(0.07, gt=0.0, description="τ of the momentum contrast and topology terms (CTP: 0.07, fixed)")
     use_model_scale: bool = Field(False, description="use the model's logit scale instead of 1/τ in CTP's terms")
+    task_use_model_scale: bool = Field(
+        False, description="contrastive task term with the model's logit scale (vlcl's shared task loss) instead of CTP's 1/τ")
+    momentum_keys: Literal["local", "global"] = Field(
+        "local", description="momentum-contrast keys: this worker's momentum features (CTP code) or the gathered batch's")
     queue_size: int = Field(1024, ge=0, description="momentum feature queue length per modality (CTP: 1024)")
     first_task_momentum: float = Field(0.995, ge=0.0, le=1.0, description="EMA coefficient on task 0 (CTP_init: 0.995)")
     momentum: float = Field(0.9, ge=0.0, le=1.0, description="compatible momentum m on tasks ≥ 1 (CTP: 0.9)")
@@ -93,7 +110,9 @@ class CTPHparams(MethodHparams):
     topology_cross_weight: float = Field(1.0, ge=0.0, description="weight of cross-modal topology preservation (CTP: 1)")
     topology_intra_weight: float = Field(1.0, ge=0.0, description="weight of intra-modal topology preservation (CTP: 1)")
     memory_size: int = Field(0, ge=0, description="ER reservoir memory in samples (0 = memory-free CTP; CTP_ER: 10,000)")
-    replay_batch_size: int = Field(0, ge=0, description="memory samples per step per worker (0 = the current local batch size)")
+    replay_mix: ReplayMix = Field(
+        "appended", description="CTP_ER: memory appended to the task data (Binomial share of batch rows) or half_batch as ER's")
+    replay_batch_size: int = Field(0, ge=0, description="half_batch: memory samples per step per worker (0 = the current local batch size)")
     seed: int = Field(0, description="seed of the queue initialisation and memory draws (equal on every worker)")
 
 
@@ -101,6 +120,7 @@ class CTP(ContinualMethod):
     name = "ctp"
     summary = "Compatible momentum contrast with feature queues plus topology preservation from the previous model (ITA-only)."
     Hparams = CTPHparams
+    fixed_hparams = ("queue_size", "memory_size", "seed")
 
     def __init__(self, model, tokenizer, hparams=None, **overrides):
         super().__init__(model, tokenizer, hparams, **overrides)
@@ -111,7 +131,13 @@ class CTP(ContinualMethod):
         self.text_queue: torch.Tensor | None = None
         self.queue_pointer = 0
         self.replay = Replay(hp.memory_size, hp.replay_batch_size, hp.seed, True) if hp.memory_size else None
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the step's gathered momentum features, computed in training_loss, enqueued by after_step
+        self._momentum_features: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_hparams(self, hparams) -> None:
+        super().set_hparams(hparams)
+        if self.replay is not None:
+            self.replay.batch_size = self.hparams.replay_batch_size
 
     def before_task(self, task: TaskInfo) -> None:
         super().before_task(task)
@@ -123,6 +149,9 @@ class CTP(ContinualMethod):
     def scale(self) -> float | torch.Tensor:
         return self.logit_scale if self.hparams.use_model_scale else 1.0 / self.hparams.temperature
 
+    def task_scale(self) -> float | torch.Tensor:
+        return self.logit_scale if self.hparams.task_use_model_scale else 1.0 / self.hparams.temperature
+
     def _ensure_queues(self, dim: int) -> None:
         if self.image_queue is None:
             generator = torch.Generator().manual_seed(self.hparams.seed)
@@ -131,33 +160,44 @@ class CTP(ContinualMethod):
             self.text_queue = F.normalize(torch.randn(size, dim, generator=generator), dim=-1).to(self.device)
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        replay = None
+        hp = self.hparams
+        replay = mixed = is_memory = remembered = None
+        images, texts = batch["image"], batch["text"]
         if self.replay is not None:
             require_pixels(batch, self.name)
-            replay = self.replay.draw(self.model, batch["image"].shape[0], self.task.index)
-            self.replay.pending = batch
-        images = batch["image"] if replay is None else torch.cat([batch["image"], replay["image"]], 0)
-        texts = batch["text"] if replay is None else torch.cat([batch["text"], replay["text"]], 0)
+            if hp.replay_mix == "half_batch":
+                replay = self.replay.draw(self.model, batch["image"].shape[0], self.task.index)
+                if replay is not None:
+                    images, texts = torch.cat([images, replay["image"]], 0), torch.cat([texts, replay["text"]], 0)
+            else:
+                mixed, is_memory, remembered = self.replay.mix_appended(batch, self.model, self.task, self.name)
+                images, texts = mixed["image"], mixed["text"]
         n = batch["image"].shape[0]
         image = self.model.encode_image(images, normalize=True)
         text = self.model.encode_text(texts, normalize=True)
-        terms = self._task_terms(batch, replay, image, text, n)
+        if is_memory is None:
+            terms = self._task_terms(batch, replay, image, text, n)
+        else:
+            terms = mixed_task_terms(self, self.replay, mixed, is_memory, remembered, image, 1.0,
+                                     contrastive_scale=self.task_scale(), text=text)
         self._ensure_queues(image.shape[1])
 
-        offset = rank() * image.shape[0]
         scale = self.scale()
         with torch.no_grad():
-            momentum_image = gather_no_grad(self.momentum_model.encode_image(images, normalize=True))
-            momentum_text = gather_no_grad(self.momentum_model.encode_text(texts, normalize=True))
-        cmc = 0.5 * (moco_loss(image, momentum_text, self.text_queue, scale, offset)
-                     + moco_loss(text, momentum_image, self.image_queue, scale, offset))
-        self._pending = (momentum_image, momentum_text)
+            momentum_image = self.momentum_model.encode_image(images, normalize=True)
+            momentum_text = self.momentum_model.encode_text(texts, normalize=True)
+            self._momentum_features = (gather_no_grad(momentum_image), gather_no_grad(momentum_text))
+        if hp.momentum_keys == "local":
+            image_keys, text_keys, offset = momentum_image, momentum_text, 0
+        else:
+            (image_keys, text_keys), offset = self._momentum_features, rank() * image.shape[0]
+        cmc = 0.5 * (moco_loss(image, text_keys, self.text_queue, scale, offset)
+                     + moco_loss(text, image_keys, self.image_queue, scale, offset))
 
         if self.reference is None:
-            task_term = sum(terms.values())
-            return {"loss": 0.5 * task_term + 0.5 * cmc, **terms, "momentum_contrast": cmc}
+            return {"loss": sum(terms.values()) + cmc, **terms, "momentum_contrast": cmc}
 
-        hp = self.hparams
+        offset = rank() * image.shape[0]
         image_all, text_all = gather_with_grad(image), gather_with_grad(text)
         with torch.no_grad():
             ref_image = self.reference.encode_image(images, normalize=True)
@@ -175,7 +215,8 @@ class CTP(ContinualMethod):
                     n: int) -> dict[str, torch.Tensor]:
         if self.resolved_task_loss() == "contrastive":
             # features already cover current + memory rows, so the batch itself is not re-encoded
-            return {"task": self.task_loss(batch, image_features=image, text_features=text)}
+            return {"task": self.task_loss(batch, image_features=image, text_features=text,
+                                           contrastive_scale=self.task_scale())}
         terms = {"task": self.task_loss(batch, image_features=image[:n])}
         if replay is not None:
             terms["replay"] = self.replay.loss(self.model, replay, image[n:], self.logit_scale, self.hparams.label_smoothing)
@@ -192,17 +233,17 @@ class CTP(ContinualMethod):
         self.text_queue[slots] = text
         self.queue_pointer = int((self.queue_pointer + image.shape[0]) % size)
 
-    def after_step(self) -> None:
+    def after_step(self, batch: Batch, losses: dict[str, torch.Tensor]) -> None:
         hp = self.hparams
         if self.reference is None:
             momentum_update_(self.momentum_model, self.model, hp.first_task_momentum)
         else:
             momentum_update_(self.momentum_model, self.model, hp.momentum, self.reference, hp.reference_share)
-        if self._pending is not None:
-            self._enqueue(*self._pending)
-            self._pending = None
+        if self._momentum_features is not None:
+            self._enqueue(*self._momentum_features)
+            self._momentum_features = None
         if self.replay is not None:
-            self.replay.observe_pending(self.task.index)
+            self.replay.observe(batch, self.task.index)
 
     def state_dict(self) -> dict:
         return {**task_state(self), "momentum_model": teacher_state(self.momentum_model),
@@ -220,4 +261,4 @@ class CTP(ContinualMethod):
         self.queue_pointer = int(state["queue_pointer"])
         if self.replay is not None:
             self.replay.load_state_dict(state["replay"])
-        self._pending = None
+        self._momentum_features = None

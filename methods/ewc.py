@@ -10,7 +10,7 @@ trainable parameters (all but logit_scale/bias).
 
 Needs from the loop: `after_task(task, batches)` with the task's training batches (a full pass by
 default, `importance_batches` to cap it). Without batches (plain loops that pass none), the last
-`recent_batches_kept` training batches seen by `training_loss` are used, as documented fallback
+`recent_batches_kept` training batches given to `after_step` are used, as documented fallback
 (they are not checkpointed: a run resumed mid-task estimates on the batches seen since resuming).
 DDP: every worker estimates on its own batches (equal counts per worker: the task loss gathers),
 and the importances are averaged across workers, so every replica holds the same F.
@@ -87,6 +87,10 @@ class EWC(ContinualMethod):
         self.anchor: dict[str, torch.Tensor] | None = None
         self._recent: deque[Batch] = deque(maxlen=self.hparams.recent_batches_kept)
 
+    def set_hparams(self, hparams) -> None:
+        super().set_hparams(hparams)
+        self._recent = deque(self._recent, maxlen=self.hparams.recent_batches_kept)
+
     def before_task(self, task: TaskInfo) -> None:
         super().before_task(task)
         self._recent.clear()
@@ -97,10 +101,12 @@ class EWC(ContinualMethod):
         return 0.5 * self.hparams.penalty_weight * squared_distance(self.model, self.anchor, self.importance)
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        self._recent.append({k: v.detach() for k, v in batch.items()})
         task = self.task_loss(batch)
         penalty = self.penalty()
         return {"loss": task + penalty, "task": task, "penalty": penalty}
+
+    def after_step(self, batch: Batch, losses: dict[str, torch.Tensor]) -> None:
+        self._recent.append({k: v.detach() for k, v in batch.items() if isinstance(v, torch.Tensor)})
 
     def importance_objective(self, batch: Batch) -> torch.Tensor:
         return self.task_loss(batch)

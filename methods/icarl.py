@@ -1,21 +1,29 @@
 """iCaRL for CLIP: a herding exemplar memory plus distillation on memory images (spec §3.4, §4.12).
 
-Follows the ZSCL repository's iCaRL (MTIL harness, §3.4) with its bookkeeping bug fixed:
-* memory budget K (10,000 samples); after task t (t tasks seen) every task keeps K // t exemplars;
-  the new task's exemplars are chosen by herding on the L2-normalised image features of the
-  just-trained model among its first `herding_candidates` (30,000) training samples. ZSCL took the
-  *first* K images after task 1 without herding; `first_task_herding=False` reproduces that.
-  Exemplars are stored in herding rank, so shrinking a task's share keeps its best ones (§4.10 fix).
-* loss = task loss on the current batch (for retrieval tasks the memory pairs join the contrastive
-  loss, as CTP's iCaRL appends the buffer to the data) + ZSCL-style distillation on a memory batch
-  (64): image→text and text→image soft CE (T = 2) between teacher and student similarities to the
-  current task's class prompts (ZSCL `icarl.py:129`; the memory batch's own captions on retrieval
-  tasks). Teacher: the zero-shot initial model as in ZSCL's code (`teacher="previous"` gives CTP's
-  §4.12 flavour with the previous task's model). The distillation weights default to 1: the
-  configuration behind ZSCL's iCaRL row is unknown (its script runs with distillation off).
+Follows the ZSCL repository's iCaRL (MTIL harness, §3.4). What the official code does
+(`mtil/src/models/icarl.py`, `dynamic_dataset.py`), with budget K = `memory_size` = 10,000:
+after task 1 it keeps the *first* K training images (no herding); after task t ≥ 2 it truncates
+every old task to K // t images and gives the new task K − K // t images chosen by herding (greedy
+mean-of-features matching on the just-trained model's normalised image features) among its first
+30,000 training images. The total over-allocates: (t−1)·(K//t) + K − K//t, e.g. 13,333 for t = 3.
+Two knobs choose between that and vlcl's default:
+* `budget`: "equal" (default, ours: the spec's fix) keeps K // t exemplars of every task after
+  task t, so the memory never exceeds K; "zscl" is the official allocation above (the memory then
+  holds up to 2K samples).
+* `first_task_herding`: True (default, ours) herds on task 1 too; False keeps its first images as
+  ZSCL does. The official configuration is `budget="zscl", first_task_herding=False`.
+Exemplars are stored in herding rank, so shrinking a task's share keeps its best ones (§4.10 fix).
 
-Herding candidates come from the training stream (the first samples `training_loss` sees, which
-matches ZSCL's "first 30,000 training images" and needs nothing from the loop) or, with
+Loss = task loss on the current batch (for retrieval tasks the memory pairs join the contrastive
+loss, as CTP's iCaRL appends the buffer to the data) + ZSCL-style distillation on a memory batch
+(64): image→text and text→image soft CE (T = 2) between teacher and student similarities to the
+current task's class prompts (ZSCL `icarl.py:129`; the memory batch's own captions on retrieval
+tasks). Teacher: the zero-shot initial model as in ZSCL's code (`teacher="previous"` gives CTP's
+§4.12 flavour with the previous task's model). The distillation weights default to 1: the
+configuration behind ZSCL's iCaRL row is unknown (its script runs with distillation off).
+
+Herding candidates come from the training stream (the first samples given to `after_step`, which
+matches ZSCL's "first 30,000 training images" and needs nothing more from the loop) or, with
 `herding_source="after_task_batches"`, from the batches passed to `after_task`.
 DDP: stream candidates are gathered, so every rank holds the same candidates; the selection is made
 on rank 0 and broadcast (indices for stream candidates, the rows for after_task batches).
@@ -44,6 +52,8 @@ class ICaRLHparams(MethodHparams):
     herding_candidates: int = Field(30000, ge=1, description="herding chooses among the task's first this many samples (ZSCL: 30,000)")
     herding_source: Literal["training_stream", "after_task_batches"] = Field(
         "training_stream", description="where herding candidates come from: samples seen in training, or after_task's batches")
+    budget: Literal["equal", "zscl"] = Field(
+        "equal", description="equal: K // t exemplars per task after task t; zscl: old tasks K // t, the new task K − K // t (official)")
     first_task_herding: bool = Field(True, description="herd on task 1 too (ZSCL code: first K images, no herding)")
     teacher: Literal["initial", "previous"] = Field("initial", description="distillation teacher: zero-shot initial model (ZSCL) or previous task's model (CTP)")
     temperature: float = Field(2.0, gt=0.0, description="distillation temperature T (ZSCL: 2)")
@@ -57,14 +67,20 @@ class ICaRL(ContinualMethod):
     name = "icarl"
     summary = "Herding exemplar memory with image/text similarity distillation on memory images (ZSCL-harness iCaRL)."
     Hparams = ICaRLHparams
+    fixed_hparams = ("memory_size", "budget", "teacher", "seed")
 
     def __init__(self, model, tokenizer, hparams=None, **overrides):
         super().__init__(model, tokenizer, hparams, **overrides)
         hp = self.hparams
-        self.replay = Replay(hp.memory_size, hp.replay_batch_size, hp.seed, previous_tasks_only=True)
+        capacity = hp.memory_size if hp.budget == "equal" else 2 * hp.memory_size   # zscl over-allocates below 2K
+        self.replay = Replay(capacity, hp.replay_batch_size, hp.seed, previous_tasks_only=True)
         self.teacher = None   # taken at the first task start, after the loop has loaded and placed the model
         self._candidates: list[dict[str, torch.Tensor]] = []
         self._candidate_count = 0
+
+    def set_hparams(self, hparams) -> None:
+        super().set_hparams(hparams)
+        self.replay.batch_size = self.hparams.replay_batch_size
 
     def before_task(self, task: TaskInfo) -> None:
         super().before_task(task)
@@ -84,7 +100,6 @@ class ICaRL(ContinualMethod):
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         require_pixels(batch, self.name)
         hp = self.hparams
-        self._collect_candidates(batch)
         replay = self.replay.draw(self.model, batch["image"].shape[0], self.task.index)
         terms = replay_task_loss(self, self.replay, batch, replay if self.resolved_task_loss() == "contrastive" else None, 1.0)
         if replay is not None:
@@ -97,6 +112,9 @@ class ICaRL(ContinualMethod):
             terms["distill_image"] = hp.image_loss_weight * image_term
             terms["distill_text"] = hp.text_loss_weight * text_term
         return {"loss": sum(terms.values()), **terms}
+
+    def after_step(self, batch: Batch, losses: dict[str, torch.Tensor]) -> None:
+        self._collect_candidates(batch)
 
     @torch.no_grad()
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -131,14 +149,21 @@ class ICaRL(ContinualMethod):
         rows = {k: torch.cat([p[k] for p in parts], 0)[:self.hparams.herding_candidates] for k in SAMPLE_KEYS}
         return rows
 
+    def shares(self, task_index: int) -> tuple[int, int]:
+        """(exemplars each earlier task keeps, exemplars of the task just finished) after task `task_index`."""
+        k, seen = self.hparams.memory_size, task_index + 1
+        if self.hparams.budget == "equal":
+            return k // seen, k // seen
+        return k // seen, (k if task_index == 0 else k - k // seen)
+
     def after_task(self, task: TaskInfo, batches: BatchSource | None = None) -> None:
         hp = self.hparams
-        per_task = hp.memory_size // (task.index + 1)
+        old_share, new_share = self.shares(task.index)
         stream = hp.herding_source == "training_stream"
         rows = self._candidate_rows(batches) if (stream or rank() == 0) else None
         selected = None
         if rank() == 0:
-            count = min(per_task, rows["label"].shape[0])
+            count = min(new_share, rows["label"].shape[0])
             if hp.first_task_herding or task.index > 0:
                 selected = herding_selection(self._features(rows["pixels"]), count)
             else:
@@ -151,7 +176,7 @@ class ICaRL(ContinualMethod):
         else:
             rows = broadcast_object(rows)
         rows["task"] = torch.full((rows["label"].shape[0],), task.index, dtype=torch.long)
-        self.replay.memory.keep_per_task(per_task)
+        self.replay.memory.keep_per_task(old_share)
         self.replay.memory.extend(rows)
         self._candidates, self._candidate_count = [], 0
 

@@ -227,6 +227,7 @@ class IncCLIP(ContinualMethod):
     name = "inc_clip"
     summary = "Reservoir replay with generated hard-negative texts and image/text distillation from the previous model."
     Hparams = IncCLIPHparams
+    fixed_hparams = ("memory_size", "negative_generator", "seed")
 
     def __init__(self, model, tokenizer, hparams=None, **overrides):
         super().__init__(model, tokenizer, hparams, **overrides)
@@ -238,6 +239,16 @@ class IncCLIP(ContinualMethod):
         self.generator = torch.Generator().manual_seed(hp.seed + 1)
         self.teacher = None
         self.start_norms: dict[str, torch.Tensor] = {}
+
+    def set_hparams(self, hparams) -> None:
+        super().set_hparams(hparams)
+        hp = self.hparams
+        self.replay.batch_size = hp.replay_batch_size
+        if isinstance(self.negative_generator, CaptionPerturbation):
+            self.negative_generator.swaps = hp.swaps_per_caption
+        elif isinstance(self.negative_generator, TokenEmbeddingInversion):
+            self.negative_generator = TokenEmbeddingInversion(hp.inversion_steps, hp.inversion_lr, hp.inversion_margin_low,
+                                                              hp.inversion_margin_high)
 
     def set_negative_generator(self, generator: NegativeTextGenerator) -> None:
         self.negative_generator = generator
@@ -259,7 +270,6 @@ class IncCLIP(ContinualMethod):
         hp = self.hparams
         self.negative_generator.observe(gather_no_grad(batch["text"]))
         replay = self.replay.draw(self.model, batch["image"].shape[0], self.task.index)
-        self.replay.pending = batch
         images = batch["image"] if replay is None else torch.cat([batch["image"], replay["image"]], 0)
         texts = batch["text"] if replay is None else torch.cat([batch["text"], replay["text"]], 0)
         n = batch["image"].shape[0]
@@ -293,10 +303,10 @@ class IncCLIP(ContinualMethod):
                 if norm > limit:
                     p.mul_(limit / norm)
 
-    def after_step(self) -> None:
+    def after_step(self, batch: Batch, losses: dict[str, torch.Tensor]) -> None:
         if self.hparams.weight_norm_clip:
             self.clip_weight_norms_()
-        self.replay.observe_pending(self.task.index)
+        self.replay.observe(batch, self.task.index)
 
     def state_dict(self) -> dict:
         return {**task_state(self), "replay": self.replay.state_dict(), "teacher": teacher_state(self.teacher),

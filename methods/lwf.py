@@ -2,21 +2,26 @@
 the previous task's model as teacher, the current task's images as reference images and the
 current task's class prompts as reference texts; no weight ensemble, no L2.
 
-Reference images: the official code draws a *second, independent* shuffled batch of the current
-task's images. vlcl's loop gives one batch per step, so by default the current batch's images are
-reused (their student features are shared with the task loss: no extra student forward). If the
-loop adds a `reference_image` (B',3,H,W) entry to the batch (an independent draw), that is used
-instead, reproducing the official two-stream setup.
+Reference images: the official code draws them from a *second, independent* shuffled stream of
+the current task's training images with test preprocessing (`--ref-dataset <current>`,
+`finetune.py:130-145`). The method therefore declares `needs_independent_batch`: the loop adds
+`batch["independent"]` (image, pixels, text, label: a batch of the current task with its own
+shuffle and eval preprocessing) and the distillation runs on `batch["independent"]["image"]`; the
+task loss runs on the training batch. `distill_images="training"` (vlcl's earlier default) reuses
+the training batch's augmented images instead, which saves the student forward on a second batch
+but distils on exactly the images the task loss fits (the loop still provides the key then).
 
 Reference texts: the current task's class prompts (template 0); for retrieval tasks, which have no
-class names, the batch's own captions (teacher features computed per step and all-gathered).
-As in ZSCL, the student logits use the teacher's text features, so only the image tower is
-distilled (`student_text_in_distill=True` for the paper-style form).
+class names, the independent batch's own captions (teacher features computed per step and
+all-gathered). As in ZSCL, the student logits use the teacher's text features, so only the image
+tower is distilled (`student_text_in_distill=True` for the paper-style form).
 
 DDP: image features are all-gathered (student with grad), so the text-direction softmax runs over
 the global batch as under the official DataParallel; every worker computes the same global term.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -34,12 +39,23 @@ class LwFHparams(MethodHparams):
     student_text_in_distill: bool = Field(
         False, description="paper form: student logits use the student's own reference-text features (code: teacher's)")
     text_encode_chunk: int = Field(1024, ge=1, description="reference texts encoded per forward when caching their features")
+    distill_images: Literal["independent", "training"] = Field(
+        "independent", description="distil on batch['independent'] (ZSCL harness: a second stream, eval preprocessing) "
+                                   "or on the training batch's own images")
+
+
+class IndependentBatchError(KeyError):
+    """A method that distils on an independent batch was given a batch without one."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class LwF(ContinualMethod):
     name = "lwf"
     summary = "Distil the previous task's model's image-to-class-prompt similarities on current images (ZSCL-style LwF)."
     Hparams = LwFHparams
+    needs_independent_batch = True
 
     def __init__(self, model, tokenizer, hparams=None, **overrides):
         super().__init__(model, tokenizer, hparams, **overrides)
@@ -57,19 +73,27 @@ class LwF(ContinualMethod):
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        reuse_batch_images = "reference_image" not in batch
         image_features = self.model.encode_image(batch["image"], normalize=True)
         task = self.task_loss(batch, image_features=image_features)
 
-        reference_images = batch["image"] if reuse_batch_images else batch["reference_image"]
-        student_image = image_features if reuse_batch_images else self.model.encode_image(reference_images, normalize=True)
+        if hp.distill_images == "training":
+            reference, student_image = batch, image_features
+        else:
+            if "independent" not in batch:
+                raise IndependentBatchError(
+                    f"{self.name}: batch['independent'] is missing. LwF distils on a second batch of the current task, "
+                    f"drawn independently of the training batch with eval preprocessing (keys image, pixels, text, "
+                    f"label); add it to every training batch (vlcl's loop does, as the class sets "
+                    f"needs_independent_batch), or set method.hparams.distill_images=training")
+            reference = batch["independent"]
+            student_image = self.model.encode_image(reference["image"], normalize=True)
         with torch.no_grad():
-            teacher_image = gather_no_grad(self.teacher.encode_image(reference_images, normalize=True))
+            teacher_image = gather_no_grad(self.teacher.encode_image(reference["image"], normalize=True))
         student_image = gather_with_grad(student_image)
 
         tokens = self.reference_text_tokens()
         if tokens is None:
-            tokens = batch["text"]
+            tokens = reference["text"]
             with torch.no_grad():
                 teacher_text = gather_no_grad(self.teacher.encode_text(tokens, normalize=True))
             student_text = (gather_with_grad(self.model.encode_text(tokens, normalize=True))

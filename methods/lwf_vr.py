@@ -6,7 +6,8 @@ EOT, zero padding to the tokenizer's context length (the random length shrinks t
 context). The official code draws from the whole vocabulary, SOT/EOT ids included, and a random EOT
 id moves CLIP's argmax pooling; by default the two special ids are excluded
 (`include_special_ids=True` reproduces the quirk). The sequences are fixed for the whole run and
-the teacher's features of them are cached per task. DDP behaviour as LwF.
+the teacher's features of them are cached per task. Reference images, the independent batch and
+DDP behaviour as LwF.
 """
 from __future__ import annotations
 
@@ -56,11 +57,19 @@ class LwFVR(LwF):
         if sot is None or eot is None:
             raise RandomTextError(f"lwf_vr: tokenizer {type(tokenizer).__name__} has no sot_token_id/eot_token_id; "
                                   f"LwF-VR needs a CLIP BPE tokenizer")
-        vocab_size = getattr(tokenizer, "vocab_size", None) or model.token_embedding.num_embeddings
-        context_length = getattr(tokenizer, "context_length", None) or model.context_length
+        self._frame = (getattr(tokenizer, "vocab_size", None) or model.token_embedding.num_embeddings,
+                       getattr(tokenizer, "context_length", None) or model.context_length, sot, eot)
+        self.random_texts = self._draw_random_texts()
+
+    def _draw_random_texts(self) -> torch.Tensor:
+        vocab_size, context_length, sot, eot = self._frame
         hp = self.hparams
-        self.random_texts = random_token_sequences(hp.num_sentences, hp.sentence_length, vocab_size, context_length,
-                                                   sot, eot, hp.seed, hp.include_special_ids)
+        return random_token_sequences(hp.num_sentences, hp.sentence_length, vocab_size, context_length,
+                                      sot, eot, hp.seed, hp.include_special_ids)
+
+    def set_hparams(self, hparams) -> None:
+        super().set_hparams(hparams)
+        self.random_texts = self._draw_random_texts()   # deterministic: unchanged unless its fields changed
 
     def reference_text_tokens(self) -> torch.Tensor:
         return self.random_texts

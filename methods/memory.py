@@ -12,7 +12,9 @@ Samples are stored, not ids, because vlcl streams are not randomly addressable. 
 parallelism every worker must hold the same memory: reservoir insertion is offered the *gathered*
 global batch and draws from one generator seeded identically on every rank (a deterministic rule,
 no communication); herding runs on rank 0 and its selection is broadcast (`broadcast_object`).
-Replay draws a global memory batch from the same generator and each rank keeps its own slice.
+Replay draws a global memory batch from the same generator and each rank keeps its own slice
+(`draw`), or marks a Binomial share of the global batch's rows for replacement by memory samples
+(`draw_replacing`: CTP's buffer appended to the task data, see methods/er.py).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, batch_from_pixels
+from methods.base import Batch, TaskInfo, batch_from_pixels
 from methods.distributed import gather_no_grad, rank, world_size
 
 SAMPLE_KEYS = ("pixels", "text", "label")
@@ -137,23 +139,46 @@ class ReplayMemory:
         self.samples = {k: v[keep] for k, v in self.samples.items()}
 
     # ---- replaying -----------------------------------------------------------------------------
+    def eligible(self, before_task: int | None = None) -> torch.Tensor:
+        """Indices of the stored samples a draw may pick (`before_task`: only samples of earlier tasks)."""
+        if self.samples is None:
+            return torch.zeros(0, dtype=torch.long)
+        everything = torch.arange(len(self))
+        return everything if before_task is None else everything[self.samples["task"] < before_task]
+
+    def _pick(self, eligible: torch.Tensor, count: int) -> torch.Tensor:
+        """`count` of the eligible indices: without replacement if there are enough, else with."""
+        if eligible.numel() >= count:
+            return eligible[torch.randperm(eligible.numel(), generator=self.generator)[:count]]
+        return eligible[torch.randint(0, eligible.numel(), (count,), generator=self.generator)]
+
     def draw(self, local_count: int, before_task: int | None = None) -> dict[str, torch.Tensor] | None:
         """This rank's share of a global draw of `local_count * world_size` samples (with replacement
         if the memory is smaller). `before_task` restricts to samples of earlier tasks."""
-        if self.samples is None or local_count <= 0:
+        eligible = self.eligible(before_task)
+        if local_count <= 0 or eligible.numel() == 0:
             return None
-        eligible = torch.arange(len(self))
-        if before_task is not None:
-            eligible = eligible[self.samples["task"] < before_task]
-        if eligible.numel() == 0:
-            return None
-        total = local_count * world_size()
-        if eligible.numel() >= total:
-            order = eligible[torch.randperm(eligible.numel(), generator=self.generator)[:total]]
-        else:
-            order = eligible[torch.randint(0, eligible.numel(), (total,), generator=self.generator)]
+        order = self._pick(eligible, local_count * world_size())
         mine = order[rank() * local_count:(rank() + 1) * local_count]
         return {k: v[mine] for k, v in self.samples.items()}
+
+    def draw_replacing(self, local_count: int, share: float, before_task: int | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Which rows of this rank's batch of `local_count` to replace by memory samples, and those samples.
+
+        Every row of the global batch (`local_count * world_size` rows) independently becomes a memory
+        row with probability `share`, so a step holds Binomial(B, share) memory rows: the mix of a
+        batch drawn from the task's data with the memory appended to it. Returns (local row positions,
+        CPU int64, ascending; the samples for them), or None when nothing is eligible.
+        """
+        eligible = self.eligible(before_task)
+        if local_count <= 0 or eligible.numel() == 0:
+            return None
+        replaced = (torch.rand(local_count * world_size(), generator=self.generator) < share).nonzero().flatten()
+        order = self._pick(eligible, replaced.numel())
+        start = rank() * local_count
+        mine = (replaced >= start) & (replaced < start + local_count)
+        return replaced[mine] - start, {k: v[order[mine]] for k, v in self.samples.items()}
 
     # ---- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -197,23 +222,64 @@ class Replay:
         self.batch_size = batch_size
         self.previous_tasks_only = previous_tasks_only
         self.task_prompts: dict[int, torch.Tensor] = {}
-        self.pending: Batch | None = None
+        self.pool_at_task_start = 0   # eligible samples when the running task began (the appended buffer's size)
 
     def start_task(self, task_index: int, prompt_tokens: torch.Tensor | None) -> None:
         if prompt_tokens is not None:
             self.task_prompts[task_index] = prompt_tokens.detach().cpu()
+        self.pool_at_task_start = int(self.memory.eligible(task_index if self.previous_tasks_only else None).numel())
+
+    def observe(self, batch: Batch, task_index: int) -> None:
+        """Offer a step's current-task training batch to the reservoir (once per optimizer step)."""
+        self.memory.offer_reservoir(batch, task_index)
+
+    def appended_share(self, task: TaskInfo, method: str) -> float:
+        """|M| / (|M| + train_samples): the share of memory rows in a batch drawn from the task's data
+        with the memory appended (CTP's ER). |M| = the eligible memory when the task began (CTP's
+        buffer is fixed during a task), or the whole current memory when the running task replays too."""
+        pool = self.pool_at_task_start if self.previous_tasks_only else len(self.memory)
+        if pool == 0:
+            return 0.0
+        if task.train_samples <= 0:
+            raise ReplayMemoryError(
+                f"{method}: replay_mix='appended' weighs the memory against the task's data, but "
+                f"TaskInfo.train_samples of task {task.name!r} is {task.train_samples}; set it to the number of "
+                f"rows in the task's training split, or use replay_mix='half_batch'")
+        return pool / (pool + task.train_samples)
+
+    def mix_appended(self, batch: Batch, model: nn.Module, task: TaskInfo, method: str
+                     ) -> tuple[Batch, torch.Tensor, Batch | None]:
+        """The training batch with Binomial(B, appended_share) of its rows replaced by memory samples.
+
+        Returns (mixed batch with keys image, text, label and task; a CPU bool mask of the memory
+        rows; the memory rows as a batch: None while the memory has nothing to replay, possibly
+        empty on a step that drew no memory row). The batch keeps its size, so gathered losses see
+        equal local batches on every rank.
+        """
+        rows = batch["image"].shape[0]
+        is_memory = torch.zeros(rows, dtype=torch.bool)
+        share = self.appended_share(task, method)
+        drawn = self.memory.draw_replacing(rows, share, task.index if self.previous_tasks_only else None) if share else None
+        device = batch["image"].device
+        mixed = {k: batch[k] for k in ("image", "text", "label")}
+        mixed["task"] = torch.full((rows,), task.index, dtype=torch.long, device=device)
+        if drawn is None:
+            return mixed, is_memory, None
+        positions, samples = drawn
+        is_memory[positions] = True
+        remembered = memory_batch(samples, model, device)
+        where = positions.to(device)
+        for key in ("image", "text", "label", "task"):
+            column = mixed[key].clone()
+            column[where] = remembered[key].to(column.dtype)
+            mixed[key] = column
+        return mixed, is_memory, remembered
 
     def draw(self, model: nn.Module, local_batch: int, task_index: int) -> Batch | None:
         """A memory batch for this step (None while the memory has nothing eligible)."""
         size = self.batch_size or local_batch
         rows = self.memory.draw(size, before_task=task_index if self.previous_tasks_only else None)
         return None if rows is None else memory_batch(rows, model, next(model.parameters()).device)
-
-    def observe_pending(self, task_index: int) -> None:
-        """Offer the last step's current-task batch to the reservoir (call once per optimizer step)."""
-        if self.pending is not None:
-            self.memory.offer_reservoir(self.pending, task_index)
-            self.pending = None
 
     def loss(self, model: nn.Module, replay: Batch, image_features: torch.Tensor, logit_scale: torch.Tensor,
              label_smoothing: float) -> torch.Tensor:
@@ -243,10 +309,10 @@ class Replay:
         return total / rows.shape[0]
 
     def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict(),
+        return {"memory": self.memory.state_dict(), "pool_at_task_start": self.pool_at_task_start,
                 "task_prompts": {str(k): v for k, v in self.task_prompts.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.memory.load_state_dict(state["memory"])
         self.task_prompts = {int(k): v for k, v in state["task_prompts"].items()}
-        self.pending = None
+        self.pool_at_task_start = int(state["pool_at_task_start"])

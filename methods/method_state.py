@@ -19,6 +19,7 @@ def task_state(method: ContinualMethod) -> dict:
         state["task"] = {
             "index": task.index, "name": task.name, "kind": task.kind, "num_tasks": task.num_tasks,
             "class_names": list(task.class_names), "templates": list(task.templates), "steps": task.steps,
+            "train_samples": task.train_samples,
         }
     return state
 
@@ -28,7 +29,8 @@ def load_task_state(method: ContinualMethod, state: dict) -> None:
     if saved is not None:
         method.task = TaskInfo(
             index=int(saved["index"]), name=saved["name"], kind=saved["kind"], num_tasks=int(saved["num_tasks"]),
-            class_names=tuple(saved["class_names"]), templates=tuple(saved["templates"]), steps=int(saved["steps"]))
+            class_names=tuple(saved["class_names"]), templates=tuple(saved["templates"]), steps=int(saved["steps"]),
+            train_samples=int(saved.get("train_samples", 0)))  # 0 in checkpoints written before the field existed
     tokens = state.get("class_prompt_tokens")
     method._class_prompt_tokens = tokens
 

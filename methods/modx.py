@@ -15,10 +15,14 @@ was tuned at N = 280. For another batch size rescale α (e.g. α·280/N) or use 
 DDP: the matrices are built on all-gathered features (student with grad, teacher without), so every
 worker computes the same global N×N term whatever the world size, like the official DataParallel.
 The task loss is the shared one (contrastive on gathered features for retrieval tasks).
+
+Logit scale: the official loop optimises every parameter, `logit_scale` included, and after each
+optimizer step clamps it to [0, 4.6052] (ln 100 as the code writes it, `continue_train_model.py`).
+The class declares `trains_logit_scale`, so `trainable_parameters()` includes it, and `after_step`
+clamps it (`clamp_logit_scale`).
 """
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -28,6 +32,8 @@ from pydantic import Field
 from methods.base import Batch, ContinualMethod, MethodHparams, TaskInfo, frozen_copy
 from methods.distributed import gather_no_grad, gather_with_grad
 from methods.method_state import load_task_state, load_teacher, task_state, teacher_state
+
+LOGIT_SCALE_MAX = 4.6052   # ln 100, the literal of Mod-X's clamp
 
 
 def selective_row_kl(teacher_similarity: torch.Tensor, student_similarity: torch.Tensor, temperature: float,
@@ -52,13 +58,14 @@ class ModXHparams(MethodHparams):
     kd_temperature: float = Field(1.0, gt=0.0, description="softmax temperature on the raw cosine matrices (code: 1)")
     kd_reduction: Literal["sum", "batchmean"] = Field("sum", description="sum over the N×N matrix (code) or divide by N")
     selective: bool = Field(True, description="drop rows the old model retrieves wrongly (Mod-X's selective alignment)")
-    clamp_logit_scale: bool = Field(True, description="clamp logit_scale to [0, ln 100] after each step (code; no-op when frozen)")
+    clamp_logit_scale: bool = Field(True, description="clamp the trained logit_scale to [0, 4.6052 = ln 100] after each step (code)")
 
 
 class ModX(ContinualMethod):
     name = "modx"
     summary = "KL between old and new models' full image-text similarity matrices on the batch, selective rows (Mod-X)."
     Hparams = ModXHparams
+    trains_logit_scale = True
 
     def __init__(self, model, tokenizer, hparams=None, **overrides):
         super().__init__(model, tokenizer, hparams, **overrides)
@@ -84,10 +91,10 @@ class ModX(ContinualMethod):
         distill = 0.5 * (kd_image_to_text + kd_text_to_image)
         return {"loss": task + hp.kd_weight * distill, "task": task, "distill_matrix": distill}
 
-    def after_step(self) -> None:
+    def after_step(self, batch: Batch, losses: dict[str, torch.Tensor]) -> None:
         if self.hparams.clamp_logit_scale:
             with torch.no_grad():
-                self.model.logit_scale.clamp_(0.0, math.log(100.0))
+                self.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
     def state_dict(self) -> dict:
         return {**task_state(self), "teacher": teacher_state(self.teacher)}

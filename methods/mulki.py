@@ -90,7 +90,13 @@ class MulKI(ContinualMethod):
         self.image_prototypes: dict[str, torch.Tensor] | None = None   # model key -> (C, D)
         self.prototype_ready: torch.Tensor | None = None               # (C,) bool
         self._teacher_text: dict[str, torch.Tensor] = {}
+        # the step's gathered image features of the student and both teachers (computed in training_loss
+        # with the batch's labels), folded into the prototypes by after_step so no forward is repeated
         self._pending: dict[str, torch.Tensor] | None = None
+
+    def set_hparams(self, hparams) -> None:
+        super().set_hparams(hparams)
+        self.averager.avg_freq = self.hparams.avg_freq
 
     def teachers(self) -> dict[str, torch.nn.Module]:
         return {"initial": self.initial, "previous": self.previous}
@@ -205,7 +211,7 @@ class MulKI(ContinualMethod):
         return {"loss": sum(terms.values()), **terms}
 
     # ---- hooks -------------------------------------------------------------------------------
-    def after_step(self) -> None:
+    def after_step(self, batch: Batch, losses: dict[str, torch.Tensor]) -> None:
         self._update_prototypes()
         if self.hparams.use_stage_4:
             self.averager.after_step(self.model)

@@ -24,7 +24,7 @@ every replica.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -74,6 +74,9 @@ class ZSCLHparams(MethodHparams):
     l2_weight: float = Field(1.0, ge=0.0, description="λ of Σ‖θ − θ_start‖² (ZSCL.sh replication recipe: 1; 0 turns it off)")
     weight_ensemble: bool = Field(True, description="output the running weight average of the task (--we)")
     avg_freq: int = Field(100, ge=1, description="weight-ensemble sampling interval in optimizer steps (100)")
+    sample_final_step: bool = Field(
+        False, description="also fold the task's final weights in at task end if the last step was not sampled (the harness "
+                           "runs iterations 0..N; exact instead with max_steps_per_task = N+1, as the MTIL protocol sets)")
     teacher: Literal["initial", "previous"] = Field(
         "initial", description="distil from the initial zero-shot model (ZSCL) or the previous task's model (--ref-model)")
     student_text_in_distill: bool = Field(
@@ -87,18 +90,23 @@ class ZSCL(ContinualMethod):
     name = "zscl"
     summary = "Distil the initial CLIP's image-text similarities on reference data, with weight ensemble and L2 (ZSCL)."
     Hparams = ZSCLHparams
-    needs_reference_data: ClassVar[bool] = True
+    needs_reference_data = True
+    fixed_hparams = ("teacher",)   # the initial model cannot be recovered once training moved on
 
     def __init__(self, model, tokenizer, hparams=None, **overrides):
         super().__init__(model, tokenizer, hparams, **overrides)
         self.teacher = None
         self.task_start: dict | None = None
-        self.averager = WeightAverager(self.hparams.avg_freq)
+        self.averager = WeightAverager(self.hparams.avg_freq, self.hparams.sample_final_step)
         self.reference_texts: torch.Tensor | None = None
         self.reference_batches_drawn = 0
         self._reference_images: ImageSource | None = None
         self._reference_iterator: Iterator | None = None
         self._teacher_text: torch.Tensor | None = None
+
+    def set_hparams(self, hparams) -> None:
+        super().set_hparams(hparams)
+        self.averager.avg_freq, self.averager.sample_final_step = self.hparams.avg_freq, self.hparams.sample_final_step
 
     # ---- reference data --------------------------------------------------------------------
     def set_reference_data(self, images: ImageSource, texts: torch.Tensor | list[str] | None = None) -> None:
@@ -199,7 +207,7 @@ class ZSCL(ContinualMethod):
             total = total + hp.l2_weight * losses["l2"]
         return {"loss": total, **losses}
 
-    def after_step(self) -> None:
+    def after_step(self, batch: Batch, losses: dict[str, torch.Tensor]) -> None:
         if self.hparams.weight_ensemble:
             self.averager.after_step(self.model)
 

@@ -180,10 +180,15 @@ class RunConfig(_Section):
         except ValidationError as err:
             raise ValueError(f"per_task {'/'.join(keys)}: " + "; ".join(
                 f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        method = get_method(self.method.name)
         try:
-            typed = get_method(self.method.name).validate_hparams(hparams)
+            typed = method.validate_hparams(hparams)
         except ValueError as err:
             raise ValueError(f"per_task {'/'.join(keys)}: {err}") from None
+        fixed = [f for f in method.fixed_hparams if getattr(typed, f) != getattr(self.method.hparams, f)]
+        if fixed:
+            raise ValueError(f"per_task {'/'.join(keys)}: method.hparams.{fixed[0]} cannot differ per task: it shapes "
+                             f"state {method.name} keeps across tasks (set it once, under method.hparams)")
         return TaskSettings(**{name: getattr(checked, name) for name in PER_TASK_TRAIN_FIELDS}, hparams=typed)
 
     @field_validator("output_dir")

@@ -315,8 +315,9 @@ def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, op
     config, settings = plan.config, task.settings
     torch.manual_seed(config.train.seed * 1000 + task.index)  # a task's randomness does not depend on how we got here
     info = TaskInfo(index=task.index, name=task.name, kind=task.kind, num_tasks=len(plan.tasks),
-                    class_names=task.classes, templates=task.templates, steps=task.steps)  # MERGE: train_samples
-    method.hparams = settings.hparams  # MERGE: set_hparams
+                    class_names=task.classes, templates=task.templates, steps=task.steps,
+                    train_samples=data.train_samples(task))
+    method.set_hparams(settings.hparams)
     method.before_task(info)
     parameters = method.trainable_parameters()
     if optimizer is None or config.train.reset_optimizer_each_task:
@@ -332,7 +333,7 @@ def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, op
 
     set_train_mode(model, config.train.freeze_batchnorm)
     batches = data.endless_batches(task)
-    independent = data.endless_batches(task, seed_offset=1, augment=False) if getattr(method, "needs_independent_batch", False) else None  # MERGE
+    independent = data.endless_batches(task, seed_offset=1, augment=False) if method.needs_independent_batch else None
     losses_sum: dict[str, torch.Tensor] = {}
     counted = 0
     for step in range(1, task.steps + 1):
@@ -348,7 +349,7 @@ def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, op
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        method.after_step()  # MERGE: (batch, losses)
+        method.after_step(batch, losses)
         if step == 1 and tracker and not progress.first_step_seconds:
             progress.first_step_seconds = time.time() - plan.started_at
             tracker.log_metrics({"time/first_step_seconds": progress.first_step_seconds}, step=0)

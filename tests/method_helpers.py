@@ -26,13 +26,15 @@ def tiny_clip():
     return copy.deepcopy(built.model), built.tokenizer
 
 
-def classification_task(index: int, classes: tuple[int, ...], num_tasks: int = 2, steps: int = 0) -> TaskInfo:
+def classification_task(index: int, classes: tuple[int, ...], num_tasks: int = 2, steps: int = 0,
+                        train_samples: int = 100) -> TaskInfo:
     return TaskInfo(index=index, name=f"digits_{index}", kind="classification", num_tasks=num_tasks,
-                    class_names=tuple(DIGIT_NAMES[c] for c in classes), templates=(TEMPLATE,), steps=steps)
+                    class_names=tuple(DIGIT_NAMES[c] for c in classes), templates=(TEMPLATE,), steps=steps,
+                    train_samples=train_samples)
 
 
-def retrieval_task(index: int = 0) -> TaskInfo:
-    return TaskInfo(index=index, name=f"captions_{index}", kind="retrieval", num_tasks=2)
+def retrieval_task(index: int = 0, train_samples: int = 100) -> TaskInfo:
+    return TaskInfo(index=index, name=f"captions_{index}", kind="retrieval", num_tasks=2, train_samples=train_samples)
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,10 +80,18 @@ def reference_data(tokenizer, images: int = 8, seed: int = 1):
 
 
 def provide_injected_data(method, tokenizer) -> None:
-    """Give a method the data it needs injected (reference sets), if it has such a hook."""
-    if hasattr(method, "set_reference_data"):
+    """Give a method the data its class declares it needs injected (reference sets)."""
+    if method.needs_reference_data:
         images, texts = reference_data(tokenizer)
         method.set_reference_data(images, texts)
+
+
+def with_independent(method, batches: list[dict], independent: list[dict]) -> list[dict]:
+    """The batches with `independent` added (the i-th of `independent`) when the method's class
+    declares `needs_independent_batch`, as vlcl's loop does; unchanged otherwise."""
+    if not method.needs_independent_batch:
+        return batches
+    return [{**b, "independent": i} for b, i in zip(batches, independent)]
 
 
 def prototype_batches(tokenizer, classes: tuple[int, ...], batch_size: int, count: int, seed: int = 0):

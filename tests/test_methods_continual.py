@@ -41,7 +41,7 @@ def run_task(method, task, batches, optimizer):
         terms["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        method.after_step()
+        method.after_step(batch, terms)
         losses.append(terms)
     method.after_task(task, lambda: iter(batches))
     return losses
@@ -83,10 +83,11 @@ def first_steps(name):
     run_task(method, classification_task(0, (0, 1)), digit_batches(tokenizer, (0, 1), 6, 2), optimizer)
     method.before_task(classification_task(1, (2, 3)))
     for batch in digit_batches(tokenizer, (2, 3), 6, 1, seed=3):
-        method.training_loss(batch)["loss"].backward()
+        terms = method.training_loss(batch)
+        terms["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        method.after_step()
+        method.after_step(batch, terms)
     return model, tokenizer, method
 
 
@@ -122,9 +123,11 @@ def test_teachers_are_frozen_and_untouched_by_training(name):
     else:
         before = {"reference": {k: v.clone() for k, v in method.reference.state_dict().items()}}
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.5)
-    method.training_loss(digit_batches(tokenizer, (2, 3), 6, 1, seed=4)[0])["loss"].backward()
+    batch = digit_batches(tokenizer, (2, 3), 6, 1, seed=4)[0]
+    terms = method.training_loss(batch)
+    terms["loss"].backward()
     optimizer.step()
-    method.after_step()
+    method.after_step(batch, terms)
     for attribute, state in before.items():
         for key, value in getattr(method, attribute).state_dict().items():
             assert torch.equal(value, state[key]), (attribute, key)

@@ -35,6 +35,8 @@ def _run_case(name: str, kind: str, rows: slice, model_state: dict):
     method.before_task(task)
     _perturb(model)      # teacher (task-start copy) and student now differ
     batch = {k: v[rows] for k, v in random_batch(tokenizer, GLOBAL_BATCH).items()}
+    if method.needs_independent_batch:
+        batch["independent"] = {k: v[rows] for k, v in random_batch(tokenizer, GLOBAL_BATCH, seed=1).items()}
     losses = method.training_loss(batch)
     losses["loss"].backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from method_helpers import (classification_task, digit_batches, prototype_batches, provide_injected_data, random_batch,
-                            reference_data, retrieval_task, tiny_clip)
+                            reference_data, retrieval_task, tiny_clip, with_independent)
 from methods import METHODS
-from methods.lwf import LwF
+from methods.lwf import IndependentBatchError, LwF
 from methods.lwf_vr import LwFVR, random_token_sequences
-from methods.modx import ModX, selective_row_kl
+from methods.modx import LOGIT_SCALE_MAX, ModX, selective_row_kl
 from methods.zscl import ZSCL, ReferenceDataError, similarity_distillation
 
 MINE = ["lwf", "lwf_vr", "wise_ft", "we", "wc", "zscl", "modx"]
@@ -164,35 +164,96 @@ def test_zscl_weight_ensemble_is_the_task_output():
     start = model.text_projection.detach().clone()
     with torch.no_grad():
         model.text_projection.add_(0.3)
-    method.after_step()
+    method.after_step({}, {})
     method.after_task(method.task)
     assert torch.allclose(model.text_projection, start + 0.15, atol=1e-6)
 
 
-def test_lwf_uses_class_prompts_and_an_injected_reference_batch_when_given():
+def hand_soft_ce(teacher_rows, student_rows, temperature=2.0):
+    """T² · mean_rows −Σ_j softmax(teacher/T)_j log softmax(student/T)_j, plain Python (ZSCL's distillation)."""
+    total = 0.0
+    for t_row, s_row in zip(teacher_rows, student_rows):
+        p = softmax(t_row, temperature)
+        log_z = math.log(sum(math.exp(v / temperature) for v in s_row))
+        total += -sum(pi * (v / temperature - log_z) for pi, v in zip(p, s_row))
+    return temperature ** 2 * total / len(teacher_rows)
+
+
+def test_lwf_distils_on_the_independent_batch_against_the_teachers_class_prompts():
     model, tokenizer = tiny_clip()
     method = LwF(model, tokenizer)
     method.before_task(classification_task(0, (0, 1, 2)))
-    perturb_(model)
-    batch = digit_batches(tokenizer, (0, 1, 2), 6, 2)
-    reused = method.training_loss(batch[0])
+    perturb_(model, scale=0.2)
+    training, independent = digit_batches(tokenizer, (0, 1, 2), 6, 2)
+    terms = method.training_loss({**training, "independent": independent})
     with torch.no_grad():
         prompts = method.teacher.encode_text(method._class_prompt_tokens, normalize=True)
-        z = model.logit_scale.exp() * model.encode_image(batch[0]["image"], normalize=True) @ prompts.t()
-        zbar = model.logit_scale.exp() * method.teacher.encode_image(batch[0]["image"], normalize=True) @ prompts.t()
-        expected = -(torch.softmax(zbar / 2, 1) * torch.log_softmax(z / 2, 1)).sum(1).mean() * 4
+        scale = model.logit_scale.exp().item()
+        def logits(net, images):
+            return (scale * net.encode_image(images, normalize=True) @ prompts.t()).tolist()
+        on_independent = [logits(net, independent["image"]) for net in (model, method.teacher)]
+        on_training = [logits(net, training["image"]) for net in (model, method.teacher)]
+    transpose = lambda m: [list(r) for r in zip(*m)]  # noqa: E731
+    expected_image = hand_soft_ce(on_independent[1], on_independent[0])
+    expected_text = hand_soft_ce(transpose(on_independent[1]), transpose(on_independent[0]))
+    reused = hand_soft_ce(on_training[1], on_training[0])
     assert method._teacher_text.shape == (3, 64)
-    assert reused["distill_image"].item() == pytest.approx(expected.item(), rel=1e-5)
-    injected = method.training_loss({**batch[0], "reference_image": batch[1]["image"]})
-    assert torch.equal(injected["task"], reused["task"])
-    assert not torch.isclose(injected["distill_image"], reused["distill_image"])
+    assert terms["distill_image"].item() == pytest.approx(expected_image, rel=1e-5)
+    assert terms["distill_text"].item() == pytest.approx(expected_text, rel=1e-5)
+    assert abs(terms["distill_image"].item() - reused) > 100 * abs(terms["distill_image"].item() - expected_image)
+    print(f"LwF distill_image: on the independent batch {expected_image:.6f}, on the training batch {reused:.6f}")
+    # the task loss is the training batch's alone; the old variant distils on the training images
+    assert torch.equal(terms["task"], method.training_loss({**training, "independent": training})["task"])
+    method.hparams = method.validate_hparams({"distill_images": "training"})
+    assert method.training_loss(training)["distill_image"].item() == pytest.approx(reused, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lwf", "lwf_vr"])
+def test_lwf_without_the_independent_batch_names_the_key(name):
+    model, tokenizer = tiny_clip()
+    method = METHODS[name](model, tokenizer)
+    method.before_task(classification_task(0, (0, 1, 2)))
+    with pytest.raises(IndependentBatchError, match=r"batch\['independent'\].*needs_independent_batch"):
+        method.training_loss(digit_batches(tokenizer, (0, 1, 2), 6, 1)[0])
+
+
+def test_lwf_vr_set_hparams_redraws_the_random_sentences():
+    model, tokenizer = tiny_clip()
+    method = LwFVR(model, tokenizer)
+    before = method.random_texts.clone()
+    method.set_hparams({"num_sentences": 10, "seed": 1})
+    assert method.random_texts.shape[0] == 10 and not torch.equal(method.random_texts, before[:10])
+    method.set_hparams({})
+    assert torch.equal(method.random_texts, before)
+
+
+def test_modx_trains_the_logit_scale_and_clamps_it_to_ln_100_as_the_official_loop():
+    model, tokenizer = tiny_clip()
+    method = ModX(model, tokenizer)
+    assert any(p is model.logit_scale for p in method.trainable_parameters())   # before: excluded, the clamp never acted
+    method.before_task(retrieval_task())
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=1.0)
+    before = model.logit_scale.item()
+    batch = random_batch(tokenizer, 5)
+    losses = method.training_loss(batch)
+    losses["loss"].backward()
+    optimizer.step()
+    method.after_step(batch, losses)
+    assert model.logit_scale.item() != before
+    for value, clamped in ((5.0, 4.6052), (-0.5, 0.0), (3.0, 3.0)):
+        with torch.no_grad():
+            model.logit_scale.fill_(value)
+        method.after_step(batch, losses)
+        assert model.logit_scale.item() == pytest.approx(clamped, abs=1e-6)
+    assert LOGIT_SCALE_MAX == 4.6052
 
 
 def test_lwf_teacher_is_refreshed_to_the_previous_task_model():
     model, tokenizer = tiny_clip()
     method = LwF(model, tokenizer)
     method.before_task(classification_task(0, (0, 1)))
-    method.training_loss(digit_batches(tokenizer, (0, 1), 4, 1)[0])["loss"].backward()
+    training, independent = digit_batches(tokenizer, (0, 1), 4, 2)
+    method.training_loss({**training, "independent": independent})["loss"].backward()
     perturb_(model)
     method.before_task(classification_task(1, (2, 3)))
     assert torch.equal(method.teacher.text_projection, model.text_projection)
@@ -226,9 +287,11 @@ def test_teachers_are_frozen_on_the_model_device_and_unchanged_by_a_step(name):
     teacher = method.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1)
-    method.training_loss(digit_batches(tokenizer, (0, 1, 2), 6, 1)[0])["loss"].backward()
+    batch = with_independent(method, digit_batches(tokenizer, (0, 1, 2), 6, 1), digit_batches(tokenizer, (0, 1, 2), 6, 1, 1))[0]
+    losses = method.training_loss(batch)
+    losses["loss"].backward()
     optimizer.step()
-    method.after_step()
+    method.after_step(batch, losses)
     assert not teacher.training
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert all(p.device == method.device for p in teacher.parameters())
@@ -245,10 +308,11 @@ def test_state_round_trip_gives_the_identical_next_loss(name):
     provide_injected_data(method, tokenizer)
     method.before_task(classification_task(0, (0, 1, 2)))
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.05)
-    batches = digit_batches(tokenizer, (0, 1, 2), 6, 2)
-    method.training_loss(batches[0])["loss"].backward()
+    batches = with_independent(method, digit_batches(tokenizer, (0, 1, 2), 6, 2), digit_batches(tokenizer, (0, 1, 2), 6, 2, 1))
+    losses = method.training_loss(batches[0])
+    losses["loss"].backward()
     optimizer.step()
-    method.after_step()
+    method.after_step(batches[0], losses)
     state = through_disk(method.state_dict())
 
     fresh_model, _ = tiny_clip()
@@ -282,12 +346,14 @@ def test_plain_loop_over_two_tasks_lowers_the_task_loss(name):
         method.before_task(classification_task(index, classes, steps=20))
         optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-3, weight_decay=0.0)
         task_losses = []
-        for batch in prototype_batches(tokenizer, classes, 32, 20, seed=index):
+        batches = with_independent(method, prototype_batches(tokenizer, classes, 32, 20, seed=index),
+                                   prototype_batches(tokenizer, classes, 32, 20, seed=10 + index))
+        for batch in batches:
             losses = method.training_loss(batch)
             optimizer.zero_grad()
             losses["loss"].backward()
             optimizer.step()
-            method.after_step()
+            method.after_step(batch, losses)
             task_losses.append(losses["task"].item())
             assert all(torch.isfinite(v) for v in losses.values())
         method.after_task(method.task)

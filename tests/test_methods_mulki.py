@@ -98,10 +98,12 @@ def test_stage_4_outputs_the_interpolated_weight_ensemble(stage_4):
     method.before_task(classification_task(0, (0, 1)))
     start = model.visual.proj.detach().clone()
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.5)
-    method.training_loss(digit_batches(tokenizer, (0, 1), 6, 1)[0])["loss"].backward()
+    batch = digit_batches(tokenizer, (0, 1), 6, 1)[0]
+    losses = method.training_loss(batch)
+    losses["loss"].backward()
     optimizer.step()
     trained = model.visual.proj.detach().clone()
-    method.after_step()
+    method.after_step(batch, losses)
     method.after_task(method.task)
     expected = 0.8 * (start + trained) / 2 + 0.2 * start if stage_4 else trained
     assert torch.allclose(model.visual.proj, expected, atol=1e-6)

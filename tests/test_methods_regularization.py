@@ -86,7 +86,7 @@ def test_without_batches_after_task_uses_the_recent_training_batches():
     method.before_task(classification_task(0, (0, 1)))
     batches = digit_batches(tokenizer, (0, 1), 4, 3)
     for batch in batches:
-        method.training_loss(batch)
+        method.after_step(batch, method.training_loss(batch))   # the batches given to after_step are kept
     method.after_task(method.task)
     explicit = EWC(tiny_clip()[0], tokenizer)
     explicit.before_task(classification_task(0, (0, 1)))

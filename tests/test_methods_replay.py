@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from method_helpers import classification_task, digit_batches, tiny_clip, free_port
+from method_helpers import DIGIT_NAMES, TEMPLATE, classification_task, digit_batches, tiny_clip, free_port
+from methods.base import HparamError
+from methods.er import ER
 from methods.icarl import ICaRL
 from methods.inc_clip import (CaptionPerturbation, IncCLIP, TokenEmbeddingInversion, encode_text_embeddings,
                               multimodal_distillation)
@@ -84,7 +86,7 @@ def test_icarl_budget_is_k_over_t_per_task_and_exemplars_are_herded():
     for index, classes in enumerate([(0, 1), (2, 3), (4, 5)]):
         method.before_task(classification_task(index, classes, num_tasks=3))
         for batch in digit_batches(tokenizer, classes, 10, 2, seed=index):
-            method.training_loss(batch)
+            method.after_step(batch, method.training_loss(batch))
         candidates = {k: v.clone() for k, v in method._candidate_rows(None).items()}
         method.after_task(method.task)
         counts = torch.bincount(method.replay.memory.samples["task"]).tolist()
@@ -99,7 +101,9 @@ def test_icarl_distills_on_memory_images_only_after_the_first_task():
     method = ICaRL(model, tokenizer, memory_size=8, herding_candidates=16, replay_batch_size=4)
     method.before_task(classification_task(0, (0, 1)))
     batch = digit_batches(tokenizer, (0, 1), 8, 2)[0]
-    assert set(method.training_loss(batch)) == {"loss", "task"}
+    terms = method.training_loss(batch)
+    assert set(terms) == {"loss", "task"}
+    method.after_step(batch, terms)
     method.after_task(method.task)
     method.before_task(classification_task(1, (2, 3)))
     terms = method.training_loss(digit_batches(tokenizer, (2, 3), 8, 1)[0])
@@ -159,8 +163,7 @@ def test_inc_clip_uses_generated_negatives_in_the_memory_contrastive_term():
     method = IncCLIP(model, tokenizer, replay_batch_size=4, task_loss="contrastive")
     method.before_task(classification_task(0, (0, 1)))
     for batch in digit_batches(tokenizer, (0, 1), 8, 2):
-        method.training_loss(batch)
-        method.after_step()
+        method.after_step(batch, method.training_loss(batch))
     method.after_task(method.task)
     method.before_task(classification_task(1, (2, 3)))
     batch = digit_batches(tokenizer, (2, 3), 8, 1, seed=5)[0]
@@ -252,8 +255,115 @@ def test_inc_clip_runs_with_the_inversion_generator():
     model, tokenizer = tiny_clip()
     method = IncCLIP(model, tokenizer, negative_generator="embedding_inversion", inversion_steps=2, replay_batch_size=2)
     method.before_task(classification_task(0, (0, 1)))
-    method.training_loss(digit_batches(tokenizer, (0, 1), 4, 1)[0])
-    method.after_step()
+    batch = digit_batches(tokenizer, (0, 1), 4, 1)[0]
+    method.after_step(batch, method.training_loss(batch))
     method.before_task(classification_task(1, (2, 3)))
     terms = method.training_loss(digit_batches(tokenizer, (2, 3), 4, 1)[0])
     assert set(terms) == {"loss", "task", "replay", "distill"} and torch.isfinite(terms["loss"])
+
+
+# ---- ER's replay mix: CTP's buffer appended to the task's data ---------------------------------
+
+def test_draw_replacing_replaces_a_binomial_share_of_the_rows():
+    memory = ReplayMemory(10, seed=0)
+    memory.offer_reservoir(sample_batch(range(10)), task=0, gathered=False)
+    counts = []
+    for _ in range(2000):
+        positions, samples = memory.draw_replacing(8, 0.2, before_task=1)
+        assert positions.numel() == samples["label"].numel() and positions.unique().numel() == positions.numel()
+        assert ((positions >= 0) & (positions < 8)).all()
+        counts.append(positions.numel())
+    mean = sum(counts) / len(counts)
+    variance = sum((c - mean) ** 2 for c in counts) / len(counts)
+    assert abs(mean / 8 - 0.2) < 0.012                  # 4 sd of the mean share over 2000 steps
+    assert abs(variance - 8 * 0.2 * 0.8) < 0.2          # Binomial(8, 0.2): variance 1.28
+    assert memory.draw_replacing(8, 0.2, before_task=0) is None   # nothing of an earlier task
+
+
+def hand_smoothed_ce(logits, target, smoothing=0.2):
+    """(1 − ε)(−log p_y) + ε mean_c(−log p_c), plain Python (torch's label-smoothed CE)."""
+    log_z = math.log(sum(math.exp(v) for v in logits))
+    nll = [log_z - v for v in logits]
+    return (1 - smoothing) * nll[target] + smoothing * sum(nll) / len(nll)
+
+
+def er_after_one_task(**hparams):
+    model, tokenizer = tiny_clip()
+    method = ER(model, tokenizer, memory_size=10, **hparams)
+    method.before_task(classification_task(0, (0, 1)))
+    for batch in digit_batches(tokenizer, (0, 1), 5, 2):
+        method.after_step(batch, method.training_loss(batch))
+    method.after_task(method.task)
+    return model, tokenizer, method
+
+
+def test_er_appended_mix_replaces_rows_in_proportion_and_matches_a_hand_computation():
+    model, tokenizer, method = er_after_one_task()
+    method.before_task(classification_task(1, (2, 3), train_samples=40))
+    assert method.replay.appended_share(method.task, "er") == pytest.approx(10 / (10 + 40))
+    batch = digit_batches(tokenizer, (2, 3), 8, 1, seed=4)[0]
+    state = method.replay.memory.generator.get_state()
+    terms = method.training_loss(batch)
+    method.replay.memory.generator.set_state(state)
+    positions, samples = method.replay.memory.draw_replacing(8, 0.2, before_task=1)
+    assert 0 < positions.numel() < 8
+    cfg = model.visual.preprocess_cfg
+    from methods.models import normalize_pixels
+    images, labels, tasks = batch["image"].clone(), batch["label"].tolist(), [1] * 8
+    images[positions] = normalize_pixels(samples["pixels"], cfg["mean"], cfg["std"])
+    for position, label, task in zip(positions.tolist(), samples["label"].tolist(), samples["task"].tolist()):
+        labels[position], tasks[position] = label, task
+    prompts = {t: tokenizer([TEMPLATE.format(DIGIT_NAMES[c]) for c in classes]) for t, classes in ((0, (0, 1)), (1, (2, 3)))}
+    with torch.no_grad():
+        image = model.encode_image(images, normalize=True)
+        logits = {t: (model.logit_scale.exp() * image @ model.encode_text(p, normalize=True).t()).tolist()
+                  for t, p in prompts.items()}
+    current = sum(hand_smoothed_ce(logits[1][i], labels[i]) for i in range(8) if tasks[i] == 1) / 8
+    remembered = sum(hand_smoothed_ce(logits[0][i], labels[i]) for i in range(8) if tasks[i] == 0) / 8
+    assert terms["task"].item() == pytest.approx(current, rel=1e-5)
+    assert terms["replay"].item() == pytest.approx(remembered, rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(current + remembered, rel=1e-5)
+
+
+def test_er_half_batch_mix_concatenates_a_full_memory_batch_and_appended_needs_train_samples():
+    model, tokenizer, method = er_after_one_task(replay_mix="half_batch")
+    method.before_task(classification_task(1, (2, 3), train_samples=0))
+    batch = digit_batches(tokenizer, (2, 3), 8, 1, seed=4)[0]
+    state = method.replay.memory.generator.get_state()
+    terms = method.training_loss(batch)
+    method.replay.memory.generator.set_state(state)
+    replay = method.replay.draw(model, 8, 1)
+    assert replay["label"].shape[0] == 8                           # as many memory rows as current ones
+    with torch.no_grad():
+        expected = method.replay.loss(model, replay, model.encode_image(replay["image"], normalize=True),
+                                      model.logit_scale.exp(), 0.2)
+    assert terms["replay"].item() == pytest.approx(expected.item(), rel=1e-5)
+    _, _, appended = er_after_one_task()
+    appended.before_task(classification_task(1, (2, 3), train_samples=0))
+    with pytest.raises(ReplayMemoryError, match=r"TaskInfo\.train_samples.*half_batch"):
+        appended.training_loss(batch)
+
+
+def test_er_set_hparams_keeps_the_memory_budget_and_updates_the_mix():
+    _, _, method = er_after_one_task()
+    with pytest.raises(HparamError, match=r"method\.hparams\.memory_size cannot change"):
+        method.set_hparams({"memory_size": 20})
+    method.set_hparams({"memory_size": 10, "replay_batch_size": 3, "replay_current_task": True})
+    assert method.replay.batch_size == 3 and not method.replay.previous_tasks_only and len(method.replay.memory) == 10
+
+
+def test_icarl_zscl_budget_gives_the_new_task_k_minus_k_over_t_and_the_first_task_its_first_images():
+    model, tokenizer = tiny_clip()
+    method = ICaRL(model, tokenizer, memory_size=12, herding_candidates=20, replay_batch_size=4, budget="zscl",
+                   first_task_herding=False)
+    expected_counts = [[12], [6, 6], [4, 4, 8]]      # K; K//2 + (K − K//2); 2·(K//3) + (K − K//3) = 16 > K
+    for index, classes in enumerate([(0, 1), (2, 3), (4, 5)]):
+        method.before_task(classification_task(index, classes, num_tasks=3))
+        batches = digit_batches(tokenizer, classes, 10, 2, seed=index)
+        for batch in batches:
+            method.after_step(batch, method.training_loss(batch))
+        method.after_task(method.task)
+        assert torch.bincount(method.replay.memory.samples["task"]).tolist() == expected_counts[index]
+        if index == 0:   # ZSCL: the first K training images, in stream order, no herding
+            first = torch.cat([b["pixels"] for b in batches])[:12]
+            assert torch.equal(method.replay.memory.samples["pixels"], first)

@@ -67,7 +67,7 @@ def test_we_average_after_three_updates_is_uniform_over_start_and_samples():
     seen = [[1.0, 2.0]]
     for w in ([3.0, 0.0], [5.0, 4.0], [-1.0, 6.0]):
         set_weights(model, w, 0.0)
-        method.after_step()
+        method.after_step({}, {})
         seen.append(w)
     assert method.averager.count == 4
     method.after_task(TASK)
@@ -81,7 +81,7 @@ def test_we_samples_at_steps_one_and_one_plus_avg_freq_like_the_official_loop():
     method.before_task(TASK)
     for w in ([3.0, 0.0], [100.0, 100.0], [5.0, 4.0], [100.0, 100.0]):  # 0-based steps 0..3: 0 and 2 sampled
         set_weights(model, w, -1.0)
-        method.after_step()
+        method.after_step({}, {})
     method.after_task(TASK)
     assert torch.allclose(model.w, torch.tensor([(1 + 3 + 5) / 3, (2 + 0 + 4) / 3]))
 
@@ -91,14 +91,14 @@ def test_we_state_round_trip_resumes_the_same_average():
     method = WeightEnsemble(model, tokenizer=None, avg_freq=1)
     method.before_task(TASK)
     set_weights(model, [3.0, 0.0], 0.0)
-    method.after_step()
+    method.after_step({}, {})
     restored_model = TwoWeights()
     set_weights(restored_model, [3.0, 0.0], 0.0)
     restored = WeightEnsemble(restored_model, tokenizer=None, avg_freq=1)
     restored.load_state_dict(through_disk(method.state_dict()))
     for m, mm in ((method, model), (restored, restored_model)):
         set_weights(mm, [6.0, 6.0], 2.0)
-        m.after_step()
+        m.after_step({}, {})
         m.after_task(TASK)
     assert torch.equal(model.w, restored_model.w) and torch.equal(model.b, restored_model.b)
     assert torch.allclose(model.w, torch.tensor([(1 + 3 + 6) / 3, (2 + 0 + 6) / 3]))
@@ -109,12 +109,12 @@ def test_we_warns_when_the_task_is_too_short_for_avg_freq():
     method = WeightEnsemble(model, tokenizer=None, avg_freq=100)
     method.before_task(TASK)
     for _ in range(30):
-        method.after_step()
+        method.after_step({}, {})
     with pytest.warns(UserWarning, match=r"30 optimizer steps, not more than avg_freq=100.*avg_freq.*\(here 3\)"):
         method.after_task(TASK)
     method.before_task(TASK)
     for _ in range(101):  # steps 1 and 101 sampled: no warning
-        method.after_step()
+        method.after_step({}, {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         method.after_task(TASK)
@@ -154,7 +154,7 @@ def test_we_averages_batchnorm_statistics_with_the_weights():
     seen = [model[1].running_mean.clone()]
     for shift in (2.0, 4.0):
         forward_shifted(model, shift)
-        method.after_step()
+        method.after_step({}, {})
         seen.append(model[1].running_mean.clone())
     method.after_task(TASK)
     assert torch.allclose(model[1].running_mean, torch.stack(seen).mean(0))
@@ -207,3 +207,38 @@ def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains(freeze):
     statistics_kept = all(torch.equal(before[k], after[k]) for k in ("running_mean", "running_var", "num_batches_tracked"))
     assert statistics_kept is freeze
     assert not torch.equal(before["weight"], after["weight"])  # its affine weights learn in both cases
+
+
+def test_we_sample_final_step_folds_the_last_weights_in_unless_already_sampled():
+    # avg_freq 2, 4 steps: 0-based steps 0 and 2 sampled; the harness's last iteration is a sample, so
+    # sample_final_step adds step 3: mean of {start, θ0, θ2, θ3}
+    model = TwoWeights()
+    method = WeightEnsemble(model, tokenizer=None, avg_freq=2, sample_final_step=True)
+    method.before_task(TASK)
+    for w in ([3.0, 0.0], [100.0, 100.0], [5.0, 4.0], [7.0, -2.0]):
+        set_weights(model, w, 0.0)
+        method.after_step({}, {})
+    method.after_task(TASK)
+    assert torch.allclose(model.w, torch.tensor([(1 + 3 + 5 + 7) / 4, (2 + 0 + 4 - 2) / 4]))
+    # 5 steps (MTIL's N + 1 with N = 4): step 4 is sampled by the schedule itself, not twice
+    method.before_task(TASK)
+    set_weights(model, [1.0, 2.0], -1.0)
+    method.before_task(TASK)
+    for w in ([3.0, 0.0], [100.0, 100.0], [5.0, 4.0], [100.0, 100.0], [7.0, -2.0]):
+        set_weights(model, w, 0.0)
+        method.after_step({}, {})
+    method.after_task(TASK)
+    assert method.averager.count == 4
+    assert torch.allclose(model.w, torch.tensor([(1 + 3 + 5 + 7) / 4, (2 + 0 + 4 - 2) / 4]))
+
+
+def test_we_set_hparams_changes_the_sampling_interval():
+    model = TwoWeights()
+    method = WeightEnsemble(model, tokenizer=None, avg_freq=100)
+    method.set_hparams({"avg_freq": 1})
+    assert method.hparams.avg_freq == 1 and method.averager.avg_freq == 1
+    method.before_task(TASK)
+    set_weights(model, [3.0, 0.0], 0.0)
+    method.after_step({}, {})
+    method.after_step({}, {})
+    assert method.averager.count == 3
