@@ -80,10 +80,11 @@ def library_logs_to(log_file: Path, verbose: bool):
     root_level = root.level
     for name in ("", *LIBRARY_LOGGERS):
         logger = logging.getLogger(name)
-        # the libraries' console handlers (Ray's is a StreamHandler subclass); a test runner's capture
-        # handlers and any file handler stay where they are
+        # the libraries' console handlers (Ray's is a StreamHandler subclass, MLflow's writes through a
+        # stream of its own); a test runner's capture handlers and any file handler stay where they are
         console_handlers = [] if verbose else [
-            h for h in logger.handlers if isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.stdout)]
+            h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and type(h).__module__.split(".")[0] in ("logging", "ray", "mlflow")]
         saved.append((logger, console_handlers, logger.propagate))
         for old in console_handlers:
             logger.removeHandler(old)

@@ -24,7 +24,7 @@ def test_bad_axes_are_named_before_any_work(digits_manifest):
     base = {"stream": str(digits_manifest)}
     with pytest.raises(StudyConfigError, match=r"orders.odd: task_order: \['digits-0-9'\] are not tasks"):
         plan_study({"base": base, "methods": ["finetune"], "orders": {"odd": ["digits-0-9"]}})
-    with pytest.raises(StudyConfigError, match="method 'nope'.*unknown method"):
+    with pytest.raises(StudyConfigError, match=r"(?s)method .nope.*unknown method"):
         plan_study({"base": base, "methods": ["nope"]})
     with pytest.raises(StudyConfigError, match="methods"):
         plan_study({"base": base, "methods": []})
