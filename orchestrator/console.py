@@ -60,6 +60,18 @@ def start_progress_sink():
     return ray.remote(num_cpus=0)(ProgressSink).remote()
 
 
+def sink_drain(sink):
+    """A Console's `drain` for a ProgressSink actor."""
+    def drain() -> list:
+        import ray
+
+        try:
+            return ray.get(sink.drain.remote(), timeout=10)
+        except Exception:  # the sink is gone with a failed run: nothing more to draw
+            return []
+    return drain
+
+
 @contextlib.contextmanager
 def library_logs_to(log_file: Path, verbose: bool):
     """While inside: the libraries' logging (and Python warnings) goes to `log_file`, and to stderr
@@ -117,10 +129,11 @@ def format_scores(row) -> str:
 
 
 class Console:
-    """Draws the records of a ProgressSink on stdout while the trainer runs (a daemon thread)."""
+    """Draws progress records on stdout while the trainer runs: `drain()` returns the records that
+    arrived since its last call (from a ProgressSink: `sink_drain(sink)`), polled by a daemon thread."""
 
-    def __init__(self, sink, num_tasks: int, stream=None, interval_s: float = 0.5):
-        self.sink, self.num_tasks, self.interval_s = sink, num_tasks, interval_s
+    def __init__(self, drain, num_tasks: int, stream=None, interval_s: float = 0.5):
+        self.drain, self.num_tasks, self.interval_s = drain, num_tasks, interval_s
         self.out = stream or sys.stdout
         self.live = self.out.isatty()
         self._stop = threading.Event()
@@ -141,20 +154,12 @@ class Console:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._draw(self._drain())  # records that arrived after the last poll
+        self._draw(self.drain())  # records that arrived after the last poll
         self._end_line()
-
-    def _drain(self) -> list:
-        import ray
-
-        try:
-            return ray.get(self.sink.drain.remote(), timeout=10)
-        except Exception:  # the sink is gone with a failed run: nothing more to draw
-            return []
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._draw(self._drain())
+            self._draw(self.drain())
 
     def _draw(self, records: list) -> None:
         for record in records:

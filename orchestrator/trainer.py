@@ -65,7 +65,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     from ray.train.torch import TorchTrainer
 
     from methods.models import build_model
-    from orchestrator.console import Console, library_logs_to, start_progress_sink
+    from orchestrator.console import Console, library_logs_to, sink_drain, start_progress_sink
     from orchestrator.plan import build_plan
     from orchestrator.runtime import cluster_has_gpus, ensure_ray
     from orchestrator.tracking import Tracker, check_reachable, default_run_name, resolve_tracking_uri
@@ -112,7 +112,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
             )
             console = None
             if sink is not None:
-                console = Console(sink, len(plan.tasks))
+                console = Console(sink_drain(sink), len(plan.tasks))
                 console.header(run_header(plan, tracker, resume_from, log_file))
             with console or contextlib.nullcontext():
                 result = trainer.fit()
