@@ -149,17 +149,39 @@ def study_trial(trial_params: dict, *, runs: list[dict]) -> None:
                              "vlcl.trial_id": tune.get_context().get_trial_id()})
 
 
-def run_study(plan: StudyPlan, *, address: str | None = None) -> list:
-    """Run every (method, order, seed) as one Tune grid; returns Tune's results."""
+def run_study(plan: StudyPlan, *, address: str | None = None, out=None) -> list:
+    """Run every (method, order, seed) as one Tune grid; returns Tune's results. One line per
+    finished run goes to `out` (stdout); Ray's and Tune's own output goes to the study's log file."""
+    import contextlib
+    import sys
+
+    from orchestrator.console import library_logs_to
+    from orchestrator.tracking import check_reachable, ensure_experiment, resolve_tracking_uri
+
+    out = out or sys.stdout
+    uri = resolve_tracking_uri(plan.runs[0].config)
+    check_reachable(uri)
+    storage = Path(plan.settings.storage_path).resolve()
+    log_file = storage / plan.name / "vlcl.log"
+    print(f"Ray, Tune and library logs: {log_file}", file=out, flush=True)
+    with library_logs_to(log_file, verbose=False), open(log_file, "a") as tune_output, \
+            contextlib.redirect_stdout(tune_output):  # Tune prints its tables and boxes at any verbosity
+        # The store and experiment exist before trials start: runs that create a new sqlite store
+        # side by side race on its tables.
+        ensure_experiment(uri, plan.name)
+        return _run_grid(plan, uri, storage, address, out)
+
+
+def _run_grid(plan: StudyPlan, uri: str, storage: Path, address: str | None, out) -> list:
+    import time
+
     import ray
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from orchestrator.runtime import ensure_ray
     from orchestrator.sweep import derive_max_concurrent_trials, trial_process_resources
-    from orchestrator.tracking import check_reachable, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(plan.runs[0].config)
-    check_reachable(uri)
     ensure_ray(address)
     # Trials run in other processes (and folders): give them the resolved store, not "./mlflow.db".
     runs = [{"config": as_data(with_overrides(r.config, {"tracking.uri": uri})), "study": plan.name, "order": r.order}
@@ -169,18 +191,35 @@ def run_study(plan: StudyPlan, *, address: str | None = None) -> list:
     per_trial = {"CPU": train.num_workers * train.cpus_per_worker, "GPU": float(train.num_workers) if use_gpu else 0.0}
     max_concurrent = plan.settings.resources.max_concurrent_trials or derive_max_concurrent_trials(
         per_trial, ray.cluster_resources())
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    started = time.time()
+    done: list[int] = []
+
+    class FinishedRunLines(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "FAILED")
+
+        def _line(self, trial, status: str) -> None:
+            run = plan.runs[trial.config["run"]]
+            done.append(1)
+            result = trial.last_result or {}
+            scores = "  ".join(f"{k.removeprefix('cl/')} {100 * result[k]:.1f}" for k in ("cl/avg", "cl/last", "cl/bwt")
+                               if isinstance(result.get(k), (int, float)))
+            print(f"run {len(done)}/{len(plan.runs)}  {run.method:10s} order {run.order:10s} seed {run.seed}  "
+                  f"{status}  {scores}  ({time.time() - started:.0f} s)", file=out, flush=True)
 
     trainable = tune.with_resources(tune.with_parameters(study_trial, runs=runs), trial_process_resources(0.0))
     tuner = tune.Tuner(trainable, param_space={"run": tune.grid_search(list(range(len(runs))))},
                        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=max_concurrent)),
-                       run_config=tune.RunConfig(name=plan.name, storage_path=str(Path(plan.settings.storage_path).resolve()),
-                                                 verbose=0))
+                       run_config=tune.RunConfig(name=plan.name, storage_path=str(storage), verbose=0,
+                                                 callbacks=[FinishedRunLines()]))
     results = tuner.fit()
     failed = [plan.runs[r.config["run"]] for r in results if r.error]
     if failed:
         raise RuntimeError("study runs failed: " + ", ".join(f"{r.method}/{r.order}/s{r.seed}" for r in failed)
-                           + f" (Tune's state: {Path(plan.settings.storage_path) / plan.name})")
+                           + f" (Tune's state and log: {storage / plan.name})")
     return list(results)
 
 
