@@ -144,35 +144,36 @@ def study_trial(trial_params: dict, *, runs: list[dict]) -> None:
     from orchestrator.trainer import run_sequence
 
     run = runs[trial_params["run"]]
-    run_sequence(RunConfig(**run["config"]), quiet=True,
-                 extra_tags={"vlcl.study": run["study"], "vlcl.order": run["order"],
-                             "vlcl.trial_id": tune.get_context().get_trial_id()})
+    result = run_sequence(RunConfig(**run["config"]), quiet=True,
+                          extra_tags={"vlcl.study": run["study"], "vlcl.order": run["order"],
+                                      "vlcl.trial_id": tune.get_context().get_trial_id()})
+    tune.report({**result.summary, "mlflow_run_id": result.run_id})
 
 
-def run_study(plan: StudyPlan, *, address: str | None = None, out=None) -> list:
+def run_study(plan: StudyPlan, *, address: str | None = None) -> list:
     """Run every (method, order, seed) as one Tune grid; returns Tune's results. One line per
-    finished run goes to `out` (stdout); Ray's and Tune's own output goes to the study's log file."""
+    finished run goes to the console; Ray's and Tune's own output goes to the study's log file."""
     import contextlib
     import sys
 
     from orchestrator.console import library_logs_to
     from orchestrator.tracking import check_reachable, ensure_experiment, resolve_tracking_uri
 
-    out = out or sys.stdout
     uri = resolve_tracking_uri(plan.runs[0].config)
     check_reachable(uri)
     storage = Path(plan.settings.storage_path).resolve()
     log_file = storage / plan.name / "vlcl.log"
-    print(f"Ray, Tune and library logs: {log_file}", file=out, flush=True)
+    print(f"Ray, Tune and library logs: {log_file}", flush=True)
     with library_logs_to(log_file, verbose=False), open(log_file, "a") as tune_output, \
             contextlib.redirect_stdout(tune_output):  # Tune prints its tables and boxes at any verbosity
         # The store and experiment exist before trials start: runs that create a new sqlite store
         # side by side race on its tables.
         ensure_experiment(uri, plan.name)
-        return _run_grid(plan, uri, storage, address, out)
+        return _run_grid(plan, uri, storage, address)
 
 
-def _run_grid(plan: StudyPlan, uri: str, storage: Path, address: str | None, out) -> list:
+def _run_grid(plan: StudyPlan, uri: str, storage: Path, address: str | None) -> list:
+    import sys
     import time
 
     import ray
@@ -191,10 +192,16 @@ def _run_grid(plan: StudyPlan, uri: str, storage: Path, address: str | None, out
     per_trial = {"CPU": train.num_workers * train.cpus_per_worker, "GPU": float(train.num_workers) if use_gpu else 0.0}
     max_concurrent = plan.settings.resources.max_concurrent_trials or derive_max_concurrent_trials(
         per_trial, ray.cluster_resources())
-    started = time.time()
-    done: list[int] = []
+    labels = [f"{r.method:10s} order {r.order:10s} seed {r.seed}" for r in plan.runs]
 
     class FinishedRunLines(tune.Callback):
+        """One console line per finished run. Tune pickles its callbacks with the experiment state,
+        so this holds only strings and writes to the process's real stdout (Tune's own output is
+        redirected to the log file meanwhile)."""
+
+        def __init__(self):
+            self.started, self.done = time.time(), 0
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._line(trial, "done")
 
@@ -202,13 +209,13 @@ def _run_grid(plan: StudyPlan, uri: str, storage: Path, address: str | None, out
             self._line(trial, "FAILED")
 
         def _line(self, trial, status: str) -> None:
-            run = plan.runs[trial.config["run"]]
-            done.append(1)
+            self.done += 1
             result = trial.last_result or {}
             scores = "  ".join(f"{k.removeprefix('cl/')} {100 * result[k]:.1f}" for k in ("cl/avg", "cl/last", "cl/bwt")
                                if isinstance(result.get(k), (int, float)))
-            print(f"run {len(done)}/{len(plan.runs)}  {run.method:10s} order {run.order:10s} seed {run.seed}  "
-                  f"{status}  {scores}  ({time.time() - started:.0f} s)", file=out, flush=True)
+            sys.__stdout__.write(f"run {self.done}/{len(labels)}  {labels[trial.config['run']]}  {status}  {scores}  "
+                                 f"({time.time() - self.started:.0f} s)\n")
+            sys.__stdout__.flush()
 
     trainable = tune.with_resources(tune.with_parameters(study_trial, runs=runs), trial_process_resources(0.0))
     tuner = tune.Tuner(trainable, param_space={"run": tune.grid_search(list(range(len(runs))))},

@@ -30,3 +30,30 @@ def test_bad_axes_are_named_before_any_work(digits_manifest):
         plan_study({"base": base, "methods": []})
     with pytest.raises(StudyConfigError, match="data.reference"):  # zscl needs reference data: said per run
         plan_study({"base": base, "methods": ["zscl"]})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_study_runs_each_order_and_seed_and_reports_them_grouped(ray_session, tmp_path, digits_manifest, capfd):
+    from orchestrator.report import build_report, collect_runs, to_markdown
+    from orchestrator.study import run_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan = plan_study({"name": "orders", "methods": ["finetune"], "seeds": [0, 1],
+                       "orders": {"default": ["digits-0-1", "digits-2-3"], "reverse": ["digits-2-3", "digits-0-1"]},
+                       "base": {"stream": str(digits_manifest), "output_dir": str(tmp_path / "runs"),
+                                "tracking": {"uri": uri}, "train": {"max_steps_per_task": 2, "cpus_per_worker": 0.5}},
+                       "storage_path": str(tmp_path / "studies"), "resources": {"max_concurrent_trials": 2}})
+    run_study(plan)
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("run ")]
+    assert sorted(line.split("done")[0].split()[2:] for line in lines) == [
+        ["finetune", "order", "default", "seed", "0"], ["finetune", "order", "default", "seed", "1"],
+        ["finetune", "order", "reverse", "seed", "0"], ["finetune", "order", "reverse", "seed", "1"]]
+    experiment_id, records, left_out = collect_runs(uri, "orders")
+    assert not left_out and len(records) == 4
+    assert {tuple(r.tasks) for r in records} == {("digits-0-1", "digits-2-3"), ("digits-2-3", "digits-0-1")}
+    report = build_report("orders", experiment_id, records, left_out)
+    assert sorted((row.variant, tuple(row.seeds)) for row in report.rows) == [
+        ("order default", ("0", "1")), ("order reverse", ("0", "1"))]
+    table = to_markdown(report)
+    assert "| finetune (order default) | 0, 1 |" in table and " ± " in table
