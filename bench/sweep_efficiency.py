@@ -110,7 +110,7 @@ def main() -> int:
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="vlcl-sweep-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    ensure_ray(quiet=True)
+    ensure_ray()
     manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
     results, seconds = {}, {}
     for name, early in (("grid", False), ("asha", True)):

@@ -97,7 +97,7 @@ def library_logs_to(log_file: Path, verbose: bool):
         console_handlers = [] if verbose else [
             h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
             and type(h).__module__.split(".")[0] in ("logging", "ray", "mlflow")]
-        saved.append((logger, console_handlers, logger.propagate))
+        saved.append((logger, list(logger.handlers), logger.propagate))
         for old in console_handlers:
             logger.removeHandler(old)
         logger.addHandler(handler)
@@ -107,10 +107,8 @@ def library_logs_to(log_file: Path, verbose: bool):
     try:
         yield handler
     finally:
-        for logger, console_handlers, propagate in saved:
-            logger.removeHandler(handler)
-            for old in console_handlers:
-                logger.addHandler(old)
+        for logger, handlers, propagate in saved:
+            logger.handlers = handlers  # as they were, in their order
             logger.propagate = propagate
         root.setLevel(root_level)
         logging.captureWarnings(was_capturing)

@@ -34,7 +34,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.config import ConfigError, RunConfig, read_yaml_mapping, to_yaml, with_overrides
+from orchestrator.config import ConfigError, RunConfig, as_data, read_yaml_mapping, to_yaml, with_overrides
 
 TUNE_SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 SWEEP_STATE_FILE = "vlcl_sweep.json"
@@ -539,10 +539,10 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
 
     from orchestrator import tracking
     from orchestrator.runtime import ensure_ray
-    from streams.manifest import load_stream
+    from streams.builtin import open_stream
 
-    ensure_ray(address, quiet=quiet)
-    stream = load_stream(plan.base.stream, plan.base.data.root)
+    ensure_ray(address)
+    _, stream = open_stream(plan.base.stream, plan.base.data.root)
     num_tasks = len(stream.tasks)
     uri = tracking.resolve_tracking_uri(plan.base)
     tracking.check_reachable(uri)
@@ -560,7 +560,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
 
     # Trials run in other processes (and folders): give them the resolved store, not "./mlflow.db".
     base = with_overrides(plan.base, {"tracking.uri": uri})
-    trainable = tune.with_parameters(run_trial, base=base.model_dump(), objective=plan.config.objective.model_dump(),
+    trainable = tune.with_parameters(run_trial, base=as_data(base), objective=plan.config.objective.model_dump(),
                                      sweep_id=sweep_id, parent_run_id=parent_run_id)
     per_trial = trial_resources(plan, ray.cluster_resources().get("GPU", 0) > 0)
     trainable = tune.with_resources(trainable, trial_process_resources(plan.config.resources.trial_cpus))
