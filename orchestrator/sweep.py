@@ -725,8 +725,8 @@ def _log_leaderboard(uri: str, parent_run_id: str, plan: SweepPlan, ranked: list
         mlflow_client.set_tag(parent_run_id, "vlcl.best_trial", best.trial_id)
         if best.run_id:
             mlflow_client.set_tag(parent_run_id, "vlcl.best_run_id", best.run_id)
-        tracking.RunLogger(uri, parent_run_id).log_metrics({"sweep/best_objective": best.final_objective}, step=num_tasks)
-    tracking.RunLogger(uri, parent_run_id).log_metrics({
+        tracking.Tracker(uri, parent_run_id).log_metrics({"sweep/best_objective": best.final_objective}, step=num_tasks)
+    tracking.Tracker(uri, parent_run_id).log_metrics({
         "sweep/trials": len(ranked),
         "sweep/trials_completed": sum(t.status == "completed" for t in ranked),
         "sweep/trials_stopped": sum(t.status.startswith("stopped") for t in ranked),

@@ -90,10 +90,10 @@ def test_offline_benchmark_scales_the_weight_ensemble_to_the_task_length(tmp_pat
                               overrides=[])
     checkpoint = tmp_path / "start.pt"
     zscl = offline_benchmark.run_config("zscl", checkpoint, args, "sqlite:///x.db")
-    assert zscl.method.hparams["avg_freq"] == 3 and zscl.data.reference == offline_benchmark.PRETRAIN_STREAM
+    assert zscl.method.hparams.avg_freq == 3 and zscl.data.reference == offline_benchmark.PRETRAIN_STREAM
     assert "avg_freq" not in offline_benchmark.run_config("finetune", checkpoint, args, "sqlite:///x.db").method.hparams
     args.overrides = ["method.hparams.avg_freq=7"]                     # a --set still wins
-    assert offline_benchmark.run_config("we", checkpoint, args, "sqlite:///x.db").method.hparams["avg_freq"] == 7
+    assert offline_benchmark.run_config("we", checkpoint, args, "sqlite:///x.db").method.hparams.avg_freq == 7
 
 
 def test_offline_benchmark_resume_finds_the_unfinished_parent_and_reads_back_its_finished_methods(tmp_path):
