@@ -154,7 +154,6 @@ def run_study(plan: StudyPlan, *, address: str | None = None) -> list:
     """Run every (method, order, seed) as one Tune grid; returns Tune's results. One line per
     finished run goes to the console; Ray's and Tune's own output goes to the study's log file."""
     import contextlib
-    import sys
 
     from orchestrator.console import library_logs_to
     from orchestrator.tracking import check_reachable, ensure_experiment, resolve_tracking_uri
