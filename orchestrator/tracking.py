@@ -216,7 +216,22 @@ class Tracker:
         """CPU, memory and (with pynvml) GPU of this node, logged as system/* metrics of the run."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        return SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+        class SystemMonitor(SystemMetricsMonitor):
+            """MLflow's monitor publishes a sample only after each full sampling interval (10 s), so
+            a run shorter than that logged nothing; this one also publishes the sample it holds
+            when it stops, if it has published none."""
+
+            def start(self):
+                self._first_step = self._logging_step
+                super().start()
+
+            def finish(self):
+                super().finish()
+                if self._logging_step == self._first_step:
+                    self.publish_metrics(self.aggregate_metrics())
+                    self.mlflow_logger.flush()
+
+        return SystemMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
 
 
 def plot_matrix(task_names: list[str], rows: list[list[float]], path: Path, control_names: list[str] = (),
