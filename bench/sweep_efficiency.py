@@ -1,14 +1,18 @@
-"""Sweep efficiency: the full grid against ASHA + the forgetting stopper, side by side in one run.
+"""Sweep efficiency: the full grid, ASHA + the forgetting stopper, and population-based training
+(PBT), side by side in one run, on the same space.
 
-Both sweeps search the same grid on the same small stream (the first tasks of the built-in digits
+All sweeps search the same space on the same small stream (the first tasks of the built-in digits
 stream, scored task-incrementally; tiny model from scratch) with the same seeds, so a configuration
-trains identically in both; the only difference is which trials are cut short. Printed:
+trains identically in grid and ASHA; the only difference is which trials are cut short. PBT starts
+a population half the grid's size, drawn from the same choices, and at every task boundary lets
+its bottom quarter continue from its top quarter's state with a neighbouring value of each choice.
+Printed:
 
 - compute: trial-tasks trained (one trial-task = one task of one trial, trained and evaluated),
-  grid vs ASHA + stopper, and their ratio;
-- quality: the best configuration each finds (by the final objective of trials that trained every
-  task) and whether ASHA's best is the grid's best or within one point (0.01) of it, judged by the
-  grid's own final objective for that configuration.
+  each sweep's and its ratio to the grid's, and wall time;
+- quality: the best final objective each finds (trials that trained every task) and whether it is
+  within one point (0.01) of the grid's best. ASHA's best is judged by the grid's own final
+  objective for that configuration; PBT's best is a per-task schedule, judged by its own objective.
 
     .venv/bin/python bench/sweep_efficiency.py                 # 4 tasks, 8 configurations, 80 steps per task
     .venv/bin/python bench/sweep_efficiency.py --tasks 5 --steps 20
@@ -49,7 +53,8 @@ def first_tasks(manifest: Path, count: int, folder: Path) -> Path:
     return path
 
 
-def sweep_mapping(name: str, manifest: Path, folder: Path, args, early_stopping: bool) -> dict:
+def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str) -> dict:
+    early_stopping = scheduler == "asha"
     return {
         "name": name,
         "base": {"stream": str(manifest), "model": {"name": "vlcl-tiny"}, "method": {"name": "finetune"},
@@ -60,9 +65,12 @@ def sweep_mapping(name: str, manifest: Path, folder: Path, args, early_stopping:
         "use_default_space": False,
         "space": {"train.lr": {"type": "choice", "values": args.lrs},
                   "label_smoothing": {"type": "choice", "values": args.label_smoothing}},
-        "search": {"algorithm": "grid", "num_samples": 1},
+        "search": ({"algorithm": "random", "num_samples": args.population, "seed": 0} if scheduler == "pbt"
+                   else {"algorithm": "grid", "num_samples": 1}),
         "objective": {"name": "weighted", "accuracy_weight": 1.0, "forgetting_weight": 1.0},
-        "scheduler": {"type": "asha" if early_stopping else "none", "grace_period": 1, "reduction_factor": 2},
+        "scheduler": ({"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.25, "resample_probability": 0.25}
+                      if scheduler == "pbt" else
+                      {"type": "asha" if early_stopping else "none", "grace_period": 1, "reduction_factor": 2}),
         "stop": [{"metric": "cl/forgetting", "max": args.forgetting_bound, "after_task": 2}] if early_stopping else [],
         "resources": {"workers": 1, "cpus_per_worker": args.cpus_per_worker, "max_concurrent_trials": args.concurrent},
         "storage_path": str(folder / "sweeps"),
@@ -71,6 +79,19 @@ def sweep_mapping(name: str, manifest: Path, folder: Path, args, early_stopping:
 
 def config_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
+
+
+def compare_pbt(grid, pbt) -> dict:
+    return {
+        "pbt_trial_tasks": pbt.trial_tasks_trained,
+        "pbt_compute_ratio": pbt.trial_tasks_trained / grid.trial_tasks_trained,
+        "pbt_best_objective": pbt.best.final_objective if pbt.best else None,
+        "pbt_within_one_point": bool(pbt.best and grid.best
+                                     and grid.best.final_objective - pbt.best.final_objective <= ONE_POINT),
+        "pbt_exploits": sum(t.exploited_from is not None for t in pbt.trials),
+        "pbt_best_schedule": [{k: v for k, v in s.items() if k in ("task", "lr")} | {"label_smoothing": s["hparams"].get("label_smoothing")}
+                              for s in pbt.best.task_settings] if pbt.best else [],
+    }
 
 
 def compare(grid, asha) -> dict:
@@ -101,6 +122,7 @@ def main() -> int:
     parser.add_argument("--forgetting-bound", type=float, default=0.3)
     parser.add_argument("--cpus-per-worker", type=float, default=0.5)
     parser.add_argument("--concurrent", type=int, default=1, help="trials at once (1 on a 2-core machine)")
+    parser.add_argument("--population", type=int, default=4, help="PBT trials (default: half the 8-configuration grid)")
     parser.add_argument("--out", type=Path, default=None, help="keep sweeps, runs and mlflow.db here")
     args = parser.parse_args()
 
@@ -113,13 +135,13 @@ def main() -> int:
     ensure_ray()
     manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
     results, seconds = {}, {}
-    for name, early in (("grid", False), ("asha", True)):
+    for name in ("grid", "asha", "pbt"):
         started = time.time()
-        plan = plan_sweep(sweep_mapping(f"bench-{name}", manifest, folder, args, early), source=f"bench {name}")
+        plan = plan_sweep(sweep_mapping(f"bench-{name}", manifest, folder, args, name), source=f"bench {name}")
         results[name] = run_sweep(plan, quiet=True)
         seconds[name] = time.time() - started
         print(format_leaderboard(results[name]), "\n", flush=True)
-    summary = compare(results["grid"], results["asha"])
+    summary = compare(results["grid"], results["asha"]) | compare_pbt(results["grid"], results["pbt"])
     print(f"stream: first {args.tasks} digits tasks (task-incremental scoring); grid {len(args.lrs)} lr x {len(args.label_smoothing)} label smoothing; "
           f"{args.steps} steps per task; objective seen_avg - forgetting")
     print(f"compute (trial-tasks trained): grid {summary['grid_trial_tasks']}, ASHA + forgetting stopper "
@@ -129,6 +151,11 @@ def main() -> int:
     print(f"best: grid {summary['grid_best']} ({summary['grid_best_objective']:.4f}); "
           f"ASHA {summary['asha_best']} ({summary['asha_best_objective']:.4f}); same config: {summary['same_best']}; "
           f"within one point: {summary['within_one_point']}")
+    print(f"PBT: population {args.population}, trial-tasks {summary['pbt_trial_tasks']} -> ratio "
+          f"{summary['pbt_compute_ratio']:.2f} of the grid's (wall {seconds['pbt']:.0f} s); {summary['pbt_exploits']} "
+          f"trials continued from another's state; best objective {summary['pbt_best_objective']:.4f}; "
+          f"within one point of the grid's best: {summary['pbt_within_one_point']}")
+    print(f"PBT's best schedule: {summary['pbt_best_schedule']}")
     print(f"artifacts in {folder}")
     return 0
 

@@ -38,3 +38,33 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose creating actor has died; returns how many.
+
+    Tune ends a trial (ASHA or a stop rule stops it, PBT pauses or exploits it) by killing its
+    process, and Ray Train's controller, an actor of that process, dies with it, leaving its workers'
+    reservation behind. Train's own cleaner notices only through the State API, which needs the
+    dashboard (tests and some clusters run without one), so the next trial would wait forever.
+    The GCS records whether a group's creator actor is dead; a group created by a dead actor and
+    not detached is in use by nobody. Groups created by drivers (Tune's own) have no creator actor.
+    Reads the GCS table through Ray's internal state accessor (pinned Ray 2.60)."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    nil_actor = ray.ActorID.nil().binary()
+    released = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        info = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        orphaned = (info.creator_actor_id and info.creator_actor_id != nil_actor and info.creator_actor_dead
+                    and not info.is_detached)
+        if orphaned and info.state in (gcs_pb2.PlacementGroupTableData.CREATED,
+                                       gcs_pb2.PlacementGroupTableData.PENDING,
+                                       gcs_pb2.PlacementGroupTableData.PREPARED,
+                                       gcs_pb2.PlacementGroupTableData.RESCHEDULING):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
+            released += 1
+    return released

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.config import ConfigError, RunConfig, as_data, read_yaml_mapping, to_yaml, with_overrides
+from orchestrator.config import (PER_TASK_TRAIN_FIELDS, ConfigError, RunConfig, as_data, read_yaml_mapping, to_yaml,
+                                 with_overrides)
 
 TUNE_SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 SWEEP_STATE_FILE = "vlcl_sweep.json"
@@ -117,9 +119,18 @@ class ObjectiveSettings(_Section):
 
 
 class SchedulerSettings(_Section):
-    type: Literal["asha", "none"] = Field("asha", description="asha: successive halving at task boundaries")
-    grace_period: int = Field(1, ge=1, description="tasks every trial trains before ASHA may stop it")
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps the top 1/reduction_factor at each rung")
+    type: Literal["asha", "pbt", "none"] = Field(
+        "asha", description="asha: successive halving at task boundaries; pbt: population-based training, where at "
+                            "a task boundary a weak trial continues from a strong trial's whole state with "
+                            "perturbed hyperparameters")
+    grace_period: int = Field(1, ge=1, description="asha: tasks every trial trains before ASHA may stop it")
+    reduction_factor: float = Field(2.0, gt=1, description="asha: keeps the top 1/reduction_factor at each rung")
+    perturbation_interval: int = Field(1, ge=1, description="pbt: tasks between exploit/explore steps")
+    quantile_fraction: float = Field(
+        0.25, gt=0, le=0.5, description="pbt: the bottom fraction copies a trial of the top fraction")
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="pbt: chance that an explored value is drawn anew from the space rather than "
+                                      "the donor's value scaled by 0.8 or 1.2")
 
 
 class StopRule(_Section):
@@ -274,12 +285,62 @@ def resolve_space(config: SweepConfig, base: RunConfig, source: str = "sweep con
         for dotted, spec in resolved.items():
             if isinstance(spec, ParamSpec) and spec.type != "choice":
                 problems.append(f"  space {dotted}: grid search needs `type: choice` with `values`, not {spec.type}")
+    if config.scheduler.type == "pbt":
+        if config.search.algorithm not in ("random", "grid"):
+            problems.append(f"  search.algorithm: pbt explores by itself; use random or grid for its starting "
+                            f"population, not {config.search.algorithm}")
+        if not any(isinstance(spec, ParamSpec) and per_task_key(dotted, base) for dotted, spec in resolved.items()):
+            problems.append("  space: scheduler pbt changes hyperparameters between tasks, and no key of the space "
+                            "can change there; search train.{" + ",".join(PER_TASK_TRAIN_FIELDS)
+                            + "} or a method hyperparameter that is not fixed for the whole run")
     if not any(isinstance(spec, ParamSpec) for spec in resolved.values()):
         problems.append(f"  space: nothing to search (tune_spaces/{base.method.name}.yaml has no space, or every key "
                         f"was removed); add keys under `space`")
     if problems:
         raise SweepConfigError(f"invalid sweep config ({source}):\n" + "\n".join(problems))
     return resolved
+
+
+def per_task_key(dotted: str, base: RunConfig) -> bool:
+    """Whether `dotted` may differ from task to task (`per_task`), so PBT may perturb it mid-run."""
+    from methods import get_method
+
+    section, _, field_name = dotted.partition(".")
+    if section == "train":
+        return field_name in PER_TASK_TRAIN_FIELDS
+    if section == "method" and field_name.startswith("hparams."):
+        return field_name[len("hparams."):] not in get_method(base.method.name).fixed_hparams
+    return False
+
+
+def pbt_keys(plan: SweepPlan) -> list[str]:
+    """The dimensions PBT perturbs at task boundaries: the searched keys that `per_task` can set.
+    The other searched keys keep the value each trial started with (or, after an exploit, the
+    donor's, which is what its copied state was trained with)."""
+    return [dotted for dotted, spec in plan.space.items() if isinstance(spec, ParamSpec) and per_task_key(dotted, plan.base)]
+
+
+def pbt_mutations(plan: SweepPlan) -> dict[str, Any]:
+    """PBT's explore step per key: a `choice` moves to a neighbouring value (or resamples), a range
+    scales the value by 0.8 or 1.2 (or resamples)."""
+    space = tune_param_space(plan)
+    return {dotted: list(plan.space[dotted].values) if plan.space[dotted].type == "choice" else space[dotted]
+            for dotted in pbt_keys(plan)}
+
+
+def schedule_config(base: RunConfig, params: dict[str, Any], task_settings: list[dict],
+                    mutable: list[str]) -> RunConfig:
+    """A run config that replays a PBT trial: its final parameters, and for every task the values of
+    the perturbed keys that task trained with (`per_task`, keyed by task name)."""
+    per_task: dict[str, dict[str, Any]] = {}
+    for settings in task_settings:
+        values = {}
+        for dotted in mutable:
+            field_name = dotted.rsplit(".", 1)[-1]
+            values[dotted] = settings["hparams"][field_name] if dotted.startswith("method.") else settings[field_name]
+        per_task[settings["task"]] = values
+    config = with_overrides(base, params)
+    return RunConfig(**{**as_data(config), "per_task": per_task})
 
 
 def tune_param_space(plan: SweepPlan) -> dict[str, Any]:
@@ -351,84 +412,104 @@ def _stop_rule_stopper(rules: list[StopRule]):
     return StopRuleStopper(rules)
 
 
-def _objective_report_callback(objective: ObjectiveSettings):
-    """A Train callback that forwards each per-task report to Tune with the objective added.
+def _objective_report_callback(objective: ObjectiveSettings, num_tasks: int, reports):
+    """A Train callback that hands each per-task report, with the objective added, and its task
+    checkpoint to the trial (through the `reports` queue), which reports both to Tune.
 
-    Built inside the trial (TuneReportCallback needs the Tune session) and run by Ray Train's
-    controller after every `ray.train.report`.
-    """
-    from ray.tune.integration.ray_train import TuneReportCallback
+    Run by Ray Train's controller after every `ray.train.report`. Ray's own TuneReportCallback
+    forwards only the metrics (the checkpoint's path as one of them), so Tune would hold no
+    checkpoint of the trial, and PBT could copy nothing at a task boundary."""
+    from ray.train.v2.api.callback import UserCallback
 
-    class ObjectiveReportCallback(TuneReportCallback):
-        def __init__(self, objective_settings: ObjectiveSettings):
-            super().__init__()
-            self.objective_settings = objective_settings
-
+    class ObjectiveReportCallback(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             first = dict(metrics[0])
-            first.update(derived_metrics(first, self.objective_settings))
-            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+            first.update(derived_metrics(first, objective))
+            # The last task ends the trial: Tune consults no scheduler on a result marked done (PBT
+            # would pause and perturb a trial with nothing left to train).
+            first["done"] = first.get("task", 0) >= num_tasks
+            reports.put((first, checkpoint.path if checkpoint else None))  # blocks until the trial took the last
 
-    return ObjectiveReportCallback(objective)
+    return ObjectiveReportCallback()
 
 
-def _train_placement_group_releaser(worker_bundle: dict[str, float], num_workers: int):
-    """A Tune callback that frees the training workers' reservation of a trial Tune has ended.
+def _orphaned_reservation_releaser():
+    """A Tune callback that frees the training workers' reservations of trials Tune has ended
+    (see `orchestrator.runtime.release_orphaned_placement_groups`), checked about once a second
+    and before a trial starts, so a stopped, paused or exploiting trial's cores go to the next one."""
+    import time
 
-    Tune ends a stopped (or finished, at ASHA's max_t) trial by killing its process, so Ray Train's
-    controller dies without removing its workers' placement group. Train's own cleaner notices that
-    only through the State API, which needs the dashboard; on a dashboard-less Ray (laptops, tests)
-    the reservation would stay and the next trial would wait forever. With one trial at a time, the
-    placement groups created while a trial ran that have exactly its trainer's bundles are its own.
-    """
     from ray import tune
 
-    class TrainPlacementGroupReleaser(tune.Callback):
+    from orchestrator.runtime import release_orphaned_placement_groups
+
+    class OrphanedReservationReleaser(tune.Callback):
         def __init__(self):
-            self.existing_at_start: dict[str, set[str]] = {}
+            self.checked_at = 0.0
 
-        @staticmethod
-        def _created() -> dict[str, list[dict]]:
-            import ray
+        def _release(self) -> None:
+            self.checked_at = time.monotonic()
+            release_orphaned_placement_groups()
 
-            return {pg_id: list(info["bundles"].values())
-                    for pg_id, info in ray.util.placement_group_table().items() if info["state"] == "CREATED"}
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self.checked_at > 1.0:
+                self._release()
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.existing_at_start[trial.trial_id] = set(self._created())
+            self._release()
 
-        def _release(self, trial) -> None:
-            import ray
-            from ray.util.placement_group import PlacementGroup
-
-            existing = self.existing_at_start.pop(trial.trial_id, None)
-            if existing is None:
-                return
-            wanted = [{k: float(v) for k, v in worker_bundle.items() if v}] * num_workers
-            for pg_id, bundles in self._created().items():
-                if pg_id not in existing and [{k: float(v) for k, v in b.items()} for b in bundles] == wanted:
-                    ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._release(trial)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._release(trial)
-
-    return TrainPlacementGroupReleaser()
+    return OrphanedReservationReleaser()
 
 
-def run_trial(trial_params: dict, *, base: dict, objective: dict, sweep_id: str, parent_run_id: str) -> None:
+def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int, sweep_id: str,
+              parent_run_id: str) -> None:
     """The Tune function trainable: one whole task sequence with this trial's hyperparameters."""
+    import threading
+
     from ray import tune
+    from ray.util.queue import Queue
 
     from orchestrator.trainer import run_sequence
 
-    trial_id = tune.get_context().get_trial_id()
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
     config = with_overrides(RunConfig(**base), dict(trial_params))
-    run_sequence(config, parent_run_id=parent_run_id, run_name_suffix=f"-{trial_id}",
-                 extra_tags={"vlcl.sweep_id": sweep_id, "vlcl.trial_id": trial_id},
-                 ray_callbacks=[_objective_report_callback(ObjectiveSettings(**objective))])
+    tags = {"vlcl.sweep_id": sweep_id, "vlcl.trial_id": trial_id}
+    checkpoint = tune.get_checkpoint()
+    resume_from, own = None, False
+    if checkpoint is not None:
+        # PBT restarts a trial from a task checkpoint: its own (after a pause: it continues its MLflow
+        # run) or a stronger trial's (an exploit: a new run, tagged with where its state came from).
+        resume_from = checkpoint.to_directory()
+        source_folder = Path(checkpoint.path).parent.name
+        own = source_folder == Path(context.get_trial_dir()).name
+        if not own:
+            donor = re.search(r"[0-9a-f]{5}_\d{5}", source_folder)
+            tasks_done = json.loads((Path(resume_from) / "progress.json").read_text())["tasks_done"]
+            tags |= {"vlcl.exploited_from": donor.group(0) if donor else source_folder,
+                     "vlcl.exploited_after_task": str(tasks_done)}
+    # The sequence runs in a thread; this one (Tune's) reports each task's metrics and checkpoint.
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_sequence(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
+                         run_name_suffix=f"-{trial_id}", extra_tags=tags,
+                         ray_callbacks=[_objective_report_callback(ObjectiveSettings(**objective), num_tasks, reports)])
+        except BaseException as err:  # re-raised in Tune's thread below
+            failure.append(err)
+        finally:
+            reports.put(None)
+
+    sequence = threading.Thread(target=run, name="vlcl-trial-sequence", daemon=True)
+    sequence.start()
+    while (item := reports.get()) is not None:
+        metrics, checkpoint_path = item
+        tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint_path) if checkpoint_path else None)
+    sequence.join()
+    if failure:
+        raise failure[0]
 
 
 # ---- resources -------------------------------------------------------------------------------
@@ -465,6 +546,9 @@ class TrialOutcome:
     status: str  # completed / stopped (rule) / stopped (asha) / error
     last_metrics: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
+    task_settings: list[dict] = field(default_factory=list)  # what each task trained with, inherited ones included
+    matrix: list[list[float]] = field(default_factory=list)  # the accuracy matrix at its last checkpoint
+    exploited_from: str | None = None  # PBT: the trial whose state this one continued from (its last exploit)
 
     @property
     def final_objective(self) -> float:
@@ -561,18 +645,13 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
     # Trials run in other processes (and folders): give them the resolved store, not "./mlflow.db".
     base = with_overrides(plan.base, {"tracking.uri": uri})
     trainable = tune.with_parameters(run_trial, base=as_data(base), objective=plan.config.objective.model_dump(),
-                                     sweep_id=sweep_id, parent_run_id=parent_run_id)
+                                     num_tasks=num_tasks, sweep_id=sweep_id, parent_run_id=parent_run_id)
     per_trial = trial_resources(plan, ray.cluster_resources().get("GPU", 0) > 0)
     trainable = tune.with_resources(trainable, trial_process_resources(plan.config.resources.trial_cpus))
     max_concurrent = plan.config.resources.max_concurrent_trials or derive_max_concurrent_trials(
         per_trial, ray.cluster_resources())
 
-    callbacks = []
-    train = plan.base.train
-    worker_bundle = {"CPU": train.cpus_per_worker, "GPU": 1.0 if per_trial["GPU"] else 0.0}
-    trial_bundle = trial_process_resources(plan.config.resources.trial_cpus)
-    if max_concurrent == 1 and not (train.num_workers == 1 and {k: v for k, v in worker_bundle.items() if v} == trial_bundle):
-        callbacks.append(_train_placement_group_releaser(worker_bundle, train.num_workers))
+    callbacks = [_orphaned_reservation_releaser()]
     if resume:
         tuner = tune.Tuner.restore(str(state_dir / "tune"), trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -589,7 +668,11 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
     _attach_child_runs(uri, experiment_id, parent_run_id, trials)
     ranked = rank_trials(trials)
     best = ranked[0] if ranked and not math.isnan(ranked[0].final_objective) else None
-    best_config = with_overrides(plan.base, best.params) if best else None
+    best_config = None
+    if best is not None:
+        best_config = (schedule_config(plan.base, best.params, best.task_settings, pbt_keys(plan))
+                       if plan.config.scheduler.type == "pbt" else with_overrides(plan.base, best.params))
+        (state_dir / "best_config.yaml").write_text(to_yaml(best_config))
     _log_leaderboard(uri, parent_run_id, plan, ranked, best_config, num_tasks)
     return SweepResult(sweep_id=sweep_id, parent_run_id=parent_run_id, experiment_id=experiment_id,
                        num_tasks=num_tasks, trials=ranked, best=best, best_config=best_config)
@@ -606,6 +689,16 @@ def _tune_config(plan: SweepPlan, num_tasks: int, max_concurrent: int):
         scheduler = ASHAScheduler(time_attr="task", max_t=num_tasks,
                                   grace_period=min(settings.scheduler.grace_period, num_tasks),
                                   reduction_factor=settings.scheduler.reduction_factor)
+    elif settings.scheduler.type == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        # synch: trials are compared after the same number of tasks (an objective after task 3 is
+        # not comparable with one after task 2: more tasks, more to forget). A trial that reaches a
+        # boundary first waits, paused, for the rest of the population.
+        scheduler = PopulationBasedTraining(
+            time_attr="task", perturbation_interval=settings.scheduler.perturbation_interval,
+            hyperparam_mutations=pbt_mutations(plan), quantile_fraction=settings.scheduler.quantile_fraction,
+            resample_probability=settings.scheduler.resample_probability, synch=True)
     search_alg = None
     if settings.search.algorithm in ("random", "grid"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -654,9 +747,15 @@ def _outcome(result, plan: SweepPlan, num_tasks: int, trial_states: dict[str, tu
     else:
         status = "stopped (asha)"
     params = {k: v for k, v in (result.config or {}).items()}
+    progress = {}
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as directory:
+            if (Path(directory) / "progress.json").is_file():
+                progress = json.loads((Path(directory) / "progress.json").read_text())
     return TrialOutcome(trial_id=str(trial_id), params=params,
                         objective_per_task=[per_task[t] for t in sorted(per_task)],
-                        tasks_trained=tasks_trained, status=status, last_metrics=last)
+                        tasks_trained=tasks_trained, status=status, last_metrics=last,
+                        task_settings=progress.get("task_settings", []), matrix=progress.get("matrix", []))
 
 
 def rank_trials(trials: list[TrialOutcome]) -> list[TrialOutcome]:
@@ -688,6 +787,7 @@ def _attach_child_runs(uri: str, experiment_id: str, parent_run_id: str, trials:
         if run is None:
             continue
         trial.run_id = run.info.run_id
+        trial.exploited_from = run.data.tags.get("vlcl.exploited_from")
         mlflow_client.set_tag(run.info.run_id, "vlcl.trial_status", trial.status)
         if trial.status == "interrupted":
             continue

@@ -57,9 +57,9 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
                  ray_callbacks: list | None = None, quiet: bool = False, verbose: bool = False) -> SequenceResult:
     """Train and evaluate `config`'s method over its stream; everything lands in MLflow.
 
-    `resume`: continue the last unfinished run of this config (its MLflow run and checkpoint).
-    `resume_from`: start from a task checkpoint directory instead of from scratch (a sweep's
-    exploit step), in a new MLflow run. `quiet`: no console (tests, sweep trials)."""
+    `resume`: continue the last unfinished run of this config (its MLflow run and its latest
+    checkpoint, or `resume_from` when given). `resume_from` alone: start from a task checkpoint
+    directory instead of from scratch (a PBT exploit), in a new MLflow run. `quiet`: no console (tests, sweep trials)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -87,7 +87,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
         if state:
             tracker = Tracker(uri, state["run_id"], state["experiment_id"])
             tracker.set_running()
-            resume_from = latest_checkpoint(output / state["ray_name"])
+            resume_from = resume_from or latest_checkpoint(output / state["ray_name"])
         else:
             tracker = Tracker.start_sequence(replace(plan, tracking_uri=uri), parent_run_id=parent_run_id,
                                              run_name_suffix=run_name_suffix, extra_tags=extra_tags)
@@ -121,8 +121,11 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
         except BaseException:
             tracker.finish("FAILED")
             raise
-        with result.checkpoint.as_directory() as directory:
-            progress = Progress.from_json((Path(directory) / "progress.json").read_text())
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as directory:
+                progress = Progress.from_json((Path(directory) / "progress.json").read_text())
+        else:  # resumed from a checkpoint that had every task done: nothing was trained or reported
+            progress = Progress.from_json((Path(plan.resume_from) / "progress.json").read_text())
         summary = {k: v for k, v in (summarize(progress.matrix) | summarize_control(progress.control)).items()
                    if not math.isnan(v)}
         write_state(output / "runs" / f"{ray_name}.json", {**run_state, "finished": True})
@@ -153,6 +156,27 @@ def run_header(plan: RunPlan, tracker, resume_from: str | None, log_file: Path) 
     return lines
 
 
+def streaming_cpus(cluster_cpus: float, config: RunConfig) -> tuple[float, float]:
+    """(CPUs per decoding actor, CPUs per read task) for the streamed training splits.
+
+    Ray Data runs beside the training workers on the CPUs they leave. Its decoding actors hold
+    theirs for the whole task, so with Ray's default of one CPU each, a laptop's last core goes to
+    the decoder and the read tasks feeding it never start: the run hangs at its first step. Where
+    the spare CPUs do not cover the defaults, the decoders share three quarters of them and the read
+    tasks (light: tar bytes to rows) the rest."""
+    spare = cluster_cpus - config.train.num_workers * config.train.cpus_per_worker
+    if spare <= 0:
+        raise ConfigError(
+            f"data: the training splits stream through Ray Data (data.cache={config.data.cache!r}), which "
+            f"needs CPUs beside the training workers: the cluster has {cluster_cpus:g}, and "
+            f"train.num_workers x train.cpus_per_worker reserve {config.train.num_workers * config.train.cpus_per_worker:g}. "
+            "Lower train.cpus_per_worker (e.g. 0.5), or let small tasks be cached (data.cache=auto).")
+    decoders = config.data.decoders
+    if spare >= decoders + 1:
+        return 1.0, 1.0
+    return 0.75 * spare / decoders, 0.25 * spare
+
+
 def streamed_datasets(plan: RunPlan):
     """Ray Data datasets for the training splits too large to keep decoded on the workers."""
     import ray
@@ -166,11 +190,13 @@ def streamed_datasets(plan: RunPlan):
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same seed, same batches
     skip_counter = SkipCounter.remote() if config.data.on_bad_sample == "skip" else None
     on_device = config.data.decode == "device"
+    decoder_cpus, read_cpus = streaming_cpus(ray.cluster_resources().get("CPU", 0.0), config)
     datasets = {}
     for task in plan.streamed_tasks:
         dataset = task_dataset(list(task.train.urls), plan.image_size, TokenizerFactory(config.model.name),
                                list(task.classes), train=False, on_bad_sample=config.data.on_bad_sample,
-                               skip_counter=skip_counter, decoders=config.data.decoders, ship_encoded=on_device)
+                               skip_counter=skip_counter, decoders=config.data.decoders, decoder_cpus=decoder_cpus,
+                               read_cpus=read_cpus, ship_encoded=on_device)
         datasets[task.train_dataset_name] = dataset.select_columns(
             ["encoded", "key", "text", "label"] if on_device else ["pixels", "text", "label"])
     return datasets, skip_counter
@@ -384,6 +410,8 @@ def report_task(plan: RunPlan, progress: Progress, model, method, optimizer, ran
         (Path(directory) / "progress.json").write_text(progress.to_json())
         (Path(directory) / "config.yaml").write_text(to_yaml(config))
         keep = config.tracking.checkpoints
+        if tracker:  # every task's settings, inherited ones included (a sweep's exploit copies them)
+            tracker.log_dict({"tasks": progress.task_settings}, "task_settings.json")
         if tracker and (keep == "all" or (keep == "last" and progress.tasks_done == len(plan.tasks))):
             tracker.log_checkpoint(directory, progress.tasks_done)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -85,7 +85,7 @@ class SampleDecoder(RowDecoder):
 
 def task_dataset(urls: list[str], image_size: int, tokenizer_factory: Callable[[], Callable], classes: list[str],
                  train: bool, on_bad_sample: Literal["error", "skip"] = "error", skip_counter=None,
-                 decoders: int = 1, decoder_cpus: float = 1.0, batch_size: int = 256,
+                 decoders: int = 1, decoder_cpus: float = 1.0, read_cpus: float = 1.0, batch_size: int = 256,
                  filesystem=None, ship_encoded: bool = False) -> "ray.data.Dataset":
     """A lazy dataset over one task split's shards.
 
@@ -94,7 +94,9 @@ def task_dataset(urls: list[str], image_size: int, tokenizer_factory: Callable[[
     picklable zero-argument callable returning a tokenizer (list of str -> (N, L) ids). `train`
     shuffles the order of the shards; shuffle rows with the iterator's local shuffle buffer.
     `decoders` is the number of decoding actors (each holds one tokenizer), each reserving
-    `decoder_cpus` CPUs (lower it where training workers need the cores). `ship_encoded`: rows carry
+    `decoder_cpus` CPUs, and each read task (tar bytes to rows) `read_cpus`: lower them where
+    training workers hold most cores, since a read task that cannot get its CPU stalls the whole
+    pipeline (`orchestrator.trainer.streaming_cpus` sizes them). `ship_encoded`: rows carry
     the encoded image (`encoded`) instead of `pixels`, for `streams.image_decode.decode_batch` on the
     training device.
     """
@@ -106,7 +108,7 @@ def task_dataset(urls: list[str], image_size: int, tokenizer_factory: Callable[[
     if not urls:
         raise ValueError("task_dataset needs at least one shard URL")
     raw = ray.data.read_webdataset(list(urls), decoder=None, filesystem=filesystem,
-                                   shuffle="files" if train else None)
+                                   shuffle="files" if train else None, ray_remote_args={"num_cpus": read_cpus})
     settings = {"image_size": image_size, "tokenizer_factory": tokenizer_factory, "classes": list(classes),
                 "on_bad_sample": on_bad_sample, "skip_counter": skip_counter, "ship_encoded": ship_encoded}
 

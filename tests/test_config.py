@@ -123,3 +123,20 @@ def test_unreachable_mlflow_server_fails_fast():
 
     with pytest.raises(TrackingError, match="http://127.0.0.1:9/ is unreachable"):
         check_reachable("http://127.0.0.1:9/", timeout_s=2)
+
+
+def test_streaming_cpus_leave_the_read_tasks_a_share_of_the_spare_cpus():
+    from orchestrator.trainer import streaming_cpus
+
+    config = load_run_config(None, ["data.cache=never"])
+    # A laptop: 2 CPUs, one training worker. The decoder must not take the last core from the readers.
+    decoder, read = streaming_cpus(2.0, config)
+    assert decoder + read == pytest.approx(1.0) and decoder == pytest.approx(0.75)
+    # Room for Ray's defaults: one CPU per decoder and per read task.
+    assert streaming_cpus(16.0, config) == (1.0, 1.0)
+    # Two decoders on 2.5 spare CPUs share 1.875 of them; on 3, each gets its own.
+    two = with_overrides(config, {"data.decoders": 2})
+    assert streaming_cpus(3.5, two) == (pytest.approx(0.9375), pytest.approx(0.625))
+    assert streaming_cpus(4.0, two) == (1.0, 1.0)
+    with pytest.raises(ConfigError, match=r"train.cpus_per_worker.*reserve 2"):
+        streaming_cpus(2.0, with_overrides(config, {"train.num_workers": 2}))

@@ -98,7 +98,8 @@ def two_task_manifest(digits_manifest):
                               digits_manifest.parent / "digits2.yaml"))
 
 
-def test_decode_location_and_worker_count_leave_the_scores_unchanged(ray_session, tmp_path, two_task_manifest):
+def test_decode_location_data_path_and_worker_count_leave_the_scores_unchanged(ray_session, tmp_path,
+                                                                                 two_task_manifest):
     # data.decode=device keeps the file bytes and decodes each batch in the worker (nvjpeg on a GPU;
     # here the CPU): the same pixels as decoding them up front, so the same matrix to the last digit.
     steps = ["train.max_steps_per_task=8"]
@@ -106,6 +107,11 @@ def test_decode_location_and_worker_count_leave_the_scores_unchanged(ray_session
     on_device = run_sequence(_config(tmp_path / "b", two_task_manifest, *steps, "data.decode=device"), quiet=True)
     assert on_device.matrix == on_host.matrix
     assert len(on_device.matrix) == 3 and on_device.matrix[1] != on_device.matrix[0]  # it trained
+    # data.cache=never: the training splits stream from their shards through Ray Data (the path of
+    # tasks too large to keep decoded), on the one CPU the training worker leaves here. Other batches
+    # (Ray Data's seeded local shuffle), the same start.
+    streamed = run_sequence(_config(tmp_path / "s", two_task_manifest, *steps, "data.cache=never"), quiet=True)
+    assert streamed.matrix[0] == on_host.matrix[0] and streamed.matrix[1] != streamed.matrix[0]
     # Two workers each score a share of every eval set; before training they hold the same seeded
     # model as the one-worker run, so the start row is the same over the same rows. (A run of one
     # step: only its start row is compared.)

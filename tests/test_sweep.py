@@ -132,19 +132,48 @@ def test_ranking_puts_completed_trials_first_by_final_objective():
 
 # ---- end to end ------------------------------------------------------------------------------
 
-def three_task_digits(digits_manifest, folder: Path) -> Path:
-    """The first three tasks of the built-in digits stream, as a manifest with absolute shard paths."""
+def test_pbt_perturbs_only_keys_that_can_change_between_tasks():
+    from orchestrator.sweep import pbt_keys
+
+    plan = plan_sweep({"base": {**TINY_BASE, "method": {"name": "er"}}, "use_default_space": False,
+                       "scheduler": {"type": "pbt"},
+                       "space": {"train.lr": {"type": "loguniform", "lower": 1e-5, "upper": 1e-2},
+                                 "memory_size": {"type": "choice", "values": [20, 40]},
+                                 "train.batch_size": {"type": "choice", "values": [16, 32]}}})
+    # memory_size shapes the replay memory a trial carries across tasks; batch size is not per-task.
+    assert pbt_keys(plan) == ["train.lr"]
+    with pytest.raises(SweepConfigError, match=r"scheduler pbt .*no key of the space can change"):
+        plan_sweep({"base": {**TINY_BASE, "method": {"name": "er"}}, "use_default_space": False,
+                    "scheduler": {"type": "pbt"}, "space": {"memory_size": {"type": "choice", "values": [20, 40]}}})
+
+
+def test_a_pbt_schedule_becomes_per_task_settings_of_one_run_config():
+    from orchestrator.config import RunConfig
+    from orchestrator.sweep import schedule_config
+
+    base = RunConfig(**{**TINY_BASE, "method": {"name": "lwf"}})
+    settings = [{"task": name, "lr": lr, "weight_decay": 0.0, "hparams": {"image_loss_weight": alpha, "temperature": 2.0}}
+                for name, lr, alpha in (("digits-0-1", 1e-3, 0.5), ("digits-2-3", 1.2e-3, 0.4))]
+    config = schedule_config(base, {"train.lr": 1.2e-3, "method.hparams.image_loss_weight": 0.4, "train.seed": 3}, settings,
+                             ["train.lr", "method.hparams.image_loss_weight"])
+    assert config.train.seed == 3
+    first, second = config.task_settings("digits-0-1", "0"), config.task_settings("digits-2-3", "1")
+    assert (first.lr, first.hparams.image_loss_weight) == (1e-3, 0.5) and (second.lr, second.hparams.image_loss_weight) == (1.2e-3, 0.4)
+
+
+def three_task_digits(digits_manifest, folder: Path, count: int = 3) -> Path:
+    """The first `count` tasks of the built-in digits stream, as a manifest with absolute shard paths."""
     from streams.manifest import load_stream
 
     stream = load_stream(digits_manifest)
     root = Path(stream.root)
     data = stream.model_dump(exclude={"root"})
-    data["name"] = "digits3"
-    data["tasks"] = data["tasks"][:3]
+    data["name"] = f"digits{count}"
+    data["tasks"] = data["tasks"][:count]
     for task in data["tasks"]:
         for split in ("train", "eval"):
             task[split]["shards"] = [str(root / s) for s in task[split]["shards"]]
-    path = folder / "digits3.yaml"
+    path = folder / f"digits{count}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

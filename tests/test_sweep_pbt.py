@@ -1,0 +1,118 @@
+"""Population-based training over task boundaries, on Ray: the exploit copies a stronger trial's whole
+state (model, teacher, exemplar memory, matrix so far), and the winner's per-task schedule replays
+as one `vlcl run` config with the same matrix."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_sweep import three_task_digits
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pbt_sweep(ray_session, digits_manifest, tmp_path_factory):
+    """Two trials of iCaRL (a distillation teacher = the previous task's model, and a herding exemplar
+    memory) on two digit tasks: lr 1e-7 learns nothing, lr 1e-3 learns task 1. After task 1 the weak
+    trial (the bottom half) must continue from the strong one's state."""
+    from orchestrator.sweep import plan_sweep, run_sweep
+
+    folder = tmp_path_factory.mktemp("pbt")
+    raw = {
+        "name": "digits2-pbt",
+        "base": {"stream": str(three_task_digits(digits_manifest, folder, count=2)), "model": {"name": "vlcl-tiny"},
+                 "method": {"name": "icarl", "hparams": {"teacher": "previous", "memory_size": 40}},
+                 "train": {"batch_size": 32, "max_steps_per_task": 20, "epochs_per_task": 10, "log_every_steps": 10},
+                 "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "pbt-test", "checkpoints": "all"},
+                 "output_dir": str(folder / "runs")},
+        "use_default_space": False,
+        "space": {"train.lr": {"type": "choice", "values": [1e-7, 1e-3]}},
+        "search": {"algorithm": "grid", "num_samples": 1},
+        "objective": {"name": "seen_avg"},
+        "scheduler": {"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.0},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 2},
+        "storage_path": str(folder / "sweeps"),
+    }
+    plan = plan_sweep(raw, source="pbt test")
+    return plan, run_sweep(plan, quiet=True), folder
+
+
+def _checkpoint(client, run_id: str, task: int, folder: Path) -> tuple[dict, dict, dict]:
+    """(model state, method state, progress) of a run's task checkpoint logged to MLflow."""
+    local = Path(client.download_artifacts(run_id, f"checkpoints/task_{task}", str(folder)))
+    load = lambda name: torch.load(local / name, map_location="cpu", weights_only=True)  # noqa: E731
+    return load("model.pt"), load("method.pt"), json.loads((local / "progress.json").read_text())
+
+
+def _memory_rows(method_state: dict) -> list[tuple[int, str]]:
+    """The exemplar memory in stored order (herding rank within each task): (label, pixels digest)."""
+    samples = method_state["replay"]["memory"]["samples"]
+    return [(int(label), hashlib.sha1(pixels.numpy().tobytes()).hexdigest())
+            for label, pixels in zip(samples["label"], samples["pixels"])]
+
+
+def _runs_by_trial(client, result) -> dict[str, list]:
+    children = client.search_runs([result.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    runs: dict[str, list] = {}
+    for run in children:
+        runs.setdefault(run.data.tags["vlcl.trial_id"], []).append(run)
+    return runs
+
+
+def test_the_weak_trial_continues_from_the_strong_trials_teacher_memory_and_matrix(pbt_sweep, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    plan, result, _ = pbt_sweep
+    client = MlflowClient(plan.base.tracking.uri)
+    runs = _runs_by_trial(client, result)
+    start_lr = {trial: float(trial_runs[0].data.params["train.lr"]) for trial, trial_runs in runs.items()}
+    weak = next(t for t, lr in start_lr.items() if lr == 1e-7)
+    strong = next(t for t, lr in start_lr.items() if lr == 1e-3)
+    # The strong trial was paused at the boundary and went on in its own run; the weak one was exploited.
+    assert len(runs[strong]) == 1 and "vlcl.exploited_from" not in runs[strong][0].data.tags
+    own_run, exploit_run = runs[weak]
+    assert exploit_run.data.tags["vlcl.exploited_from"] == strong
+    assert exploit_run.data.tags["vlcl.exploited_after_task"] == "1"
+
+    donor_model, donor_method, donor_progress = _checkpoint(client, runs[strong][0].info.run_id, 1, tmp_path / "donor")
+    _, own_method, _ = _checkpoint(client, own_run.info.run_id, 1, tmp_path / "own")
+    _, next_method, next_progress = _checkpoint(client, exploit_run.info.run_id, 2, tmp_path / "next")
+    # The teacher of task 2 (teacher: previous) is the donor's model after task 1, not the weak trial's.
+    assert next_method["teacher"].keys() == donor_model.keys()
+    assert all(torch.equal(next_method["teacher"][k], donor_model[k]) for k in donor_model)
+    # Task 1's exemplars in the task-2 memory are the donor's best 20 in herding rank (memory 40, two
+    # tasks: 20 each), not the weak trial's own (herding ranks by the model's features).
+    donor_rows, own_rows, next_rows = _memory_rows(donor_method), _memory_rows(own_method), _memory_rows(next_method)
+    assert len(donor_rows) == len(next_rows) == 40
+    assert donor_rows[:20] != own_rows[:20], "precondition: the two trials herded different task-1 exemplars"
+    assert next_rows[:20] == donor_rows[:20]
+    # The matrix so far came along: zero-shot and after-task-1 rows are the donor's.
+    assert next_progress["matrix"][:2] == donor_progress["matrix"][:2]
+    # The schedule records the inherited task-1 settings (lr 1e-3) and the explored task-2 lr (a
+    # neighbour of the donor's in the choice list), which is the exploited run's config.
+    settings = next_progress["task_settings"]
+    assert len(settings) == 2 and settings[0]["lr"] == 1e-3
+    assert settings[1]["lr"] == float(exploit_run.data.params["train.lr"])
+    logged = json.loads(Path(client.download_artifacts(exploit_run.info.run_id, "task_settings.json",
+                                                       str(tmp_path / "settings"))).read_text())
+    assert logged["tasks"] == settings
+
+
+def test_a_trials_schedule_replays_as_one_run_with_the_same_matrix(pbt_sweep):
+    from orchestrator.config import with_overrides
+    from orchestrator.sweep import pbt_keys, schedule_config
+    from orchestrator.trainer import run_sequence
+
+    plan, result, folder = pbt_sweep
+    exploited = next(t for t in result.trials if t.exploited_from)
+    config = schedule_config(plan.base, exploited.params, exploited.task_settings, pbt_keys(plan))
+    config = with_overrides(config, {"output_dir": str(folder / "replay"), "tracking.checkpoints": "none"})
+    replay = run_sequence(config, quiet=True)
+    assert replay.task_settings == exploited.task_settings
+    flat = lambda rows: [v for row in rows for v in row]  # noqa: E731
+    assert len(exploited.matrix) == 3 and flat(replay.matrix) == pytest.approx(flat(exploited.matrix), abs=1e-6)
