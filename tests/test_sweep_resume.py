@@ -1,0 +1,106 @@
+"""A sweep survives its driver: `kill -9` of `vlcl sweep` mid-sweep, then `vlcl sweep --resume`.
+The finished trial is not run again, the interrupted one continues from its last task checkpoint
+in the same MLflow run, and the parent run and leaderboard end complete."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_sweep import three_task_digits
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trial_dirs(storage: Path) -> list[Path]:
+    return sorted(storage.glob("*/tune/run_trial_*"))
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"vlcl sweep exited ({process.returncode}) before {what}:\n"
+                                 f"{process.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_kill_9_of_the_driver_then_resume_finishes_the_sweep_without_rerunning(digits_manifest,
+                                                                              tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    # Two trials, one at a time, on two tasks; the second task is long (per_task), so the driver is
+    # killed while the second trial trains it, after its first task's checkpoint reached Tune.
+    storage = tmp_path / "sweeps"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = {
+        "name": "driver-kill",
+        "base": {"stream": str(three_task_digits(digits_manifest, tmp_path, count=2)), "model": {"name": "vlcl-tiny"},
+                 "method": {"name": "finetune"},
+                 "train": {"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 100, "log_every_steps": 2},
+                 "per_task": {"1": {"train.max_steps_per_task": 400}},
+                 "tracking": {"uri": uri, "experiment": "driver-kill", "checkpoints": "none"},
+                 "output_dir": str(tmp_path / "runs")},
+        "use_default_space": False,
+        "space": {"train.lr": {"type": "choice", "values": [1e-4, 1e-3]}},
+        "search": {"algorithm": "grid", "num_samples": 1},
+        "scheduler": {"type": "none"},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 1},
+        "storage_path": str(storage),
+    }
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's `vlcl sweep` starts
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def second_trial_checkpointed_and_recorded() -> bool:
+            trials = _trial_dirs(storage)
+            if len(trials) < 2 or not list(trials[1].glob("checkpoint_000000")):
+                return False
+            # Tune saves its experiment state every few seconds: wait until it records the checkpoint.
+            states = list(trials[1].parent.glob("experiment_state-*.json"))
+            checkpointed = (trials[1] / "checkpoint_000000").stat().st_mtime
+            return any(s.stat().st_mtime > checkpointed + 1 for s in states)
+
+        _wait_for(second_trial_checkpointed_and_recorded, "the second trial's first task checkpoint", driver)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    trials = _trial_dirs(storage)
+    first_result = [json.loads(line) for line in (trials[0] / "result.json").read_text().splitlines()]
+    second_result = [json.loads(line) for line in (trials[1] / "result.json").read_text().splitlines()]
+    assert [r["task"] for r in first_result] == [1, 2] and [r["task"] for r in second_result] == [1], \
+        "precondition: killed with one trial finished and one mid-way"
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "2 trials, 4 trial-tasks trained" in resumed.stdout
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("driver-kill")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("vlcl.kind") == "sweep")
+    assert parent.info.status == "FINISHED" and parent.data.tags["vlcl.sweep_state"] == "finished"
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    # One run per trial: the finished one was not started again, the interrupted one went on in its run.
+    assert sorted(c.data.params["train.lr"] for c in children) == ["0.0001", "0.001"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        # Each task scored once: the interrupted trial did not train its first task again.
+        history = client.get_metric_history(child.info.run_id, "cl/seen_avg")
+        assert sorted(m.step for m in history) == [1, 2]
+    board = json.loads(Path(client.download_artifacts(parent.info.run_id, "leaderboard.json", str(tmp_path))).read_text())
+    rows = [dict(zip(board["columns"], row)) for row in board["data"]]
+    assert [r["status"] for r in rows] == ["completed", "completed"] and all(r["tasks_trained"] == 2 for r in rows)
