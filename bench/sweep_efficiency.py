@@ -127,7 +127,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from orchestrator.runtime import ensure_ray
-    from orchestrator.sweep import format_leaderboard, plan_sweep, run_sweep
+    from orchestrator.sweep import format_leaderboard, run_sweep
+    from orchestrator.sweep_config import plan_sweep
     from streams.builtin import materialize_builtin
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="vlcl-sweep-bench-"))

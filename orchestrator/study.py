@@ -180,7 +180,7 @@ def _run_grid(plan: StudyPlan, uri: str, storage: Path, address: str | None) -> 
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from orchestrator.runtime import ensure_ray
-    from orchestrator.sweep import derive_max_concurrent_trials, trial_process_resources
+    from orchestrator.sweep_tune import derive_max_concurrent_trials, trial_process_resources
 
     ensure_ray(address)
     # Trials run in other processes (and folders): give them the resolved store, not "./mlflow.db".

@@ -234,6 +234,46 @@ class Tracker:
         return SystemMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
 
 
+class SweepTracker(Tracker):
+    """A sweep's parent run and the child runs of its trials (each trial's own Tracker writes those)."""
+
+    @classmethod
+    def start_sweep(cls, uri: str, experiment: str, sweep_id: str, description: str, tags: dict[str, str],
+                    params: dict[str, str], files: dict[str, str]) -> "SweepTracker":
+        tracker = cls.start(uri, experiment, sweep_id, {"vlcl.kind": "sweep", "vlcl.sweep_id": sweep_id,
+                                                        "vlcl.git_commit": git_commit(), **tags},
+                            description=description)
+        tracker.log_params(params)
+        for path, text in files.items():
+            tracker.log_text(text, path)
+        return tracker
+
+    def latest_child_runs(self) -> dict:
+        """trial id -> the newest child run of that trial. An older attempt still RUNNING (a trial
+        restarted by --resume, or continued by a PBT exploit) is ended KILLED."""
+        children = self.client.search_runs([self.experiment_id],
+                                           filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'",
+                                           max_results=5000, order_by=["attributes.start_time ASC"])
+        latest: dict = {}
+        for run in children:
+            trial_id = run.data.tags.get("vlcl.trial_id")
+            if not trial_id:
+                continue
+            if trial_id in latest and latest[trial_id].info.status == "RUNNING":
+                self.client.set_terminated(latest[trial_id].info.run_id, status="KILLED")
+            latest[trial_id] = run
+        return latest
+
+    def end_child(self, run, trial_status: str, final_status: str | None) -> None:
+        """Tag a child run with its trial's outcome and, unless None, end it with `final_status`."""
+        self.client.set_tag(run.info.run_id, "vlcl.trial_status", trial_status)
+        if final_status and run.info.status != final_status:
+            self.client.set_terminated(run.info.run_id, status=final_status)
+
+    def log_table(self, frame, path: str) -> None:
+        self.client.log_table(self.run_id, frame, path)
+
+
 def plot_matrix(task_names: list[str], rows: list[list[float]], path: Path, control_names: list[str] = (),
                 control_rows: list[list[float]] = ()) -> None:
     """Heatmap of the accuracy matrix: rows = after which task, columns = evaluated task, then the

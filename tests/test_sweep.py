@@ -6,24 +6,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.sweep import (
-    OBJECTIVE_KEY,
-    ZERO_SHOT_DROP_KEY,
+from orchestrator.sweep import format_leaderboard
+from orchestrator.sweep_config import (
     ObjectiveSettings,
     ParamSpec,
     StopRule,
     SweepConfigError,
-    TrialOutcome,
-    derive_max_concurrent_trials,
-    derived_metrics,
-    format_leaderboard,
     load_sweep_config,
     plan_sweep,
-    rank_trials,
     run_config_key,
-    trial_resources,
-    tune_param_space,
 )
+from orchestrator.sweep_objective import OBJECTIVE_KEY, ZERO_SHOT_DROP_KEY, TrialOutcome, derived_metrics, rank_trials
+from orchestrator.sweep_tune import derive_max_concurrent_trials, trial_resources, tune_param_space
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = {"stream": "builtin:digits", "model": {"name": "vlcl-tiny"}, "method": {"name": "finetune"},
@@ -133,7 +127,7 @@ def test_ranking_puts_completed_trials_first_by_final_objective():
 # ---- end to end ------------------------------------------------------------------------------
 
 def test_pbt_perturbs_only_keys_that_can_change_between_tasks():
-    from orchestrator.sweep import pbt_keys
+    from orchestrator.sweep_config import pbt_keys
 
     plan = plan_sweep({"base": {**TINY_BASE, "method": {"name": "er"}}, "use_default_space": False,
                        "scheduler": {"type": "pbt"},
@@ -149,7 +143,7 @@ def test_pbt_perturbs_only_keys_that_can_change_between_tasks():
 
 def test_a_pbt_schedule_becomes_per_task_settings_of_one_run_config():
     from orchestrator.config import RunConfig
-    from orchestrator.sweep import schedule_config
+    from orchestrator.sweep_config import schedule_config
 
     base = RunConfig(**{**TINY_BASE, "method": {"name": "lwf"}})
     settings = [{"task": name, "lr": lr, "weight_decay": 0.0, "hparams": {"image_loss_weight": alpha, "temperature": 2.0}}

@@ -18,7 +18,8 @@ def pbt_sweep(ray_session, digits_manifest, tmp_path_factory):
     """Two trials of iCaRL (a distillation teacher = the previous task's model, and a herding exemplar
     memory) on two digit tasks: lr 1e-7 learns nothing, lr 1e-3 learns task 1. After task 1 the weak
     trial (the bottom half) must continue from the strong one's state."""
-    from orchestrator.sweep import plan_sweep, run_sweep
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import plan_sweep
 
     folder = tmp_path_factory.mktemp("pbt")
     raw = {
@@ -105,7 +106,7 @@ def test_the_weak_trial_continues_from_the_strong_trials_teacher_memory_and_matr
 
 def test_a_trials_schedule_replays_as_one_run_with_the_same_matrix(pbt_sweep):
     from orchestrator.config import with_overrides
-    from orchestrator.sweep import pbt_keys, schedule_config
+    from orchestrator.sweep_config import pbt_keys, schedule_config
     from orchestrator.trainer import run_sequence
 
     plan, result, folder = pbt_sweep

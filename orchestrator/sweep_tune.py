@@ -1,0 +1,227 @@
+"""The Ray Tune side of a sweep: the search space as Tune domains, the scheduler (ASHA, PBT), the
+stop rules, the trainable that runs one whole task sequence per trial, and trial resources."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import RunConfig, with_overrides
+from orchestrator.sweep_config import ObjectiveSettings, ParamSpec, StopRule, SweepPlan, pbt_keys
+from orchestrator.sweep_objective import OBJECTIVE_KEY, derived_metrics
+
+def tune_param_space(plan: SweepPlan) -> dict[str, Any]:
+    """The Tune search space: dotted run-config keys -> Tune domains (or grid_search lists)."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    grid = plan.config.search.algorithm == "grid"
+    for dotted, spec in plan.space.items():
+        if not isinstance(spec, ParamSpec):
+            space[dotted] = spec
+        elif spec.type == "choice":
+            space[dotted] = tune.grid_search(list(spec.values)) if grid else tune.choice(list(spec.values))
+        elif spec.type == "uniform":
+            space[dotted] = tune.uniform(spec.lower, spec.upper)
+        elif spec.type == "loguniform":
+            space[dotted] = tune.loguniform(spec.lower, spec.upper)
+        else:
+            space[dotted] = tune.randint(int(spec.lower), int(spec.upper))
+    return space
+
+
+def pbt_mutations(plan: SweepPlan) -> dict[str, Any]:
+    """PBT's explore step per key: a `choice` moves to a neighbouring value (or resamples), a range
+    scales the value by 0.8 or 1.2 (or resamples)."""
+    space = tune_param_space(plan)
+    return {dotted: list(plan.space[dotted].values) if plan.space[dotted].type == "choice" else space[dotted]
+            for dotted in pbt_keys(plan)}
+
+
+def tune_config(plan: SweepPlan, num_tasks: int, max_concurrent: int):
+    from ray import tune
+
+    settings = plan.config
+    scheduler = None
+    if settings.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="task", max_t=num_tasks,
+                                  grace_period=min(settings.scheduler.grace_period, num_tasks),
+                                  reduction_factor=settings.scheduler.reduction_factor)
+    elif settings.scheduler.type == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        # synch: trials are compared after the same number of tasks (an objective after task 3 is
+        # not comparable with one after task 2: more tasks, more to forget). A trial that reaches a
+        # boundary first waits, paused, for the rest of the population.
+        scheduler = PopulationBasedTraining(
+            time_attr="task", perturbation_interval=settings.scheduler.perturbation_interval,
+            hyperparam_mutations=pbt_mutations(plan), quantile_fraction=settings.scheduler.quantile_fraction,
+            resample_probability=settings.scheduler.resample_probability, synch=True)
+    search_alg = None
+    if settings.search.algorithm in ("random", "grid"):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Tune ignores max_concurrent_trials for a BasicVariantGenerator it did not build itself.
+        search_alg = BasicVariantGenerator(random_state=settings.search.seed, max_concurrent=max_concurrent)
+    elif settings.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=settings.search.seed)
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        search_alg = HyperOptSearch(random_state_seed=settings.search.seed)
+    limit_by_tune = settings.search.algorithm not in ("random", "grid")
+    return tune.TuneConfig(metric=OBJECTIVE_KEY, mode="max", scheduler=scheduler, search_alg=search_alg,
+                           num_samples=settings.search.num_samples,
+                           max_concurrent_trials=max_concurrent if limit_by_tune else None)
+
+
+def stop_rule_stopper(rules: list[StopRule]):
+    from ray import tune
+
+    class StopRuleStopper(tune.Stopper):
+        """Ends a trial when any stop rule is violated; the others keep running."""
+
+        def __init__(self, stop_rules: list[StopRule]):
+            self.stop_rules = stop_rules
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return any(rule.violated(result) for rule in self.stop_rules)
+
+        def stop_all(self) -> bool:
+            return False
+
+    return StopRuleStopper(rules)
+
+
+def objective_report_callback(objective: ObjectiveSettings, num_tasks: int, reports):
+    """A Train callback that hands each per-task report, with the objective added, and its task
+    checkpoint to the trial (through the `reports` queue), which reports both to Tune.
+
+    Run by Ray Train's controller after every `ray.train.report`. Ray's own TuneReportCallback
+    forwards only the metrics (the checkpoint's path as one of them), so Tune would hold no
+    checkpoint of the trial, and PBT could copy nothing at a task boundary."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ObjectiveReportCallback(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            first.update(derived_metrics(first, objective))
+            # The last task ends the trial: Tune consults no scheduler on a result marked done (PBT
+            # would pause and perturb a trial with nothing left to train).
+            first["done"] = first.get("task", 0) >= num_tasks
+            reports.put((first, checkpoint.path if checkpoint else None))  # blocks until the trial took the last
+
+    return ObjectiveReportCallback()
+
+
+def orphaned_reservation_releaser():
+    """A Tune callback that frees the training workers' reservations of trials Tune has ended
+    (see `orchestrator.runtime.release_orphaned_placement_groups`), checked about once a second
+    and before a trial starts, so a stopped, paused or exploiting trial's cores go to the next one."""
+    import time
+
+    from ray import tune
+
+    from orchestrator.runtime import release_orphaned_placement_groups
+
+    class OrphanedReservationReleaser(tune.Callback):
+        def __init__(self):
+            self.checked_at = 0.0
+
+        def _release(self) -> None:
+            self.checked_at = time.monotonic()
+            release_orphaned_placement_groups()
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self.checked_at > 1.0:
+                self._release()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._release()
+
+    return OrphanedReservationReleaser()
+
+
+def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int, sweep_id: str,
+              parent_run_id: str) -> None:
+    """The Tune function trainable: one whole task sequence with this trial's hyperparameters."""
+    import threading
+
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from orchestrator.trainer import run_sequence
+
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    config = with_overrides(RunConfig(**base), dict(trial_params))
+    tags = {"vlcl.sweep_id": sweep_id, "vlcl.trial_id": trial_id}
+    checkpoint = tune.get_checkpoint()
+    resume_from, own = None, False
+    if checkpoint is not None:
+        # PBT restarts a trial from a task checkpoint: its own (after a pause: it continues its MLflow
+        # run) or a stronger trial's (an exploit: a new run, tagged with where its state came from).
+        resume_from = checkpoint.to_directory()
+        source_folder = Path(checkpoint.path).parent.name
+        own = source_folder == Path(context.get_trial_dir()).name
+        if not own:
+            donor = re.search(r"[0-9a-f]{5}_\d{5}", source_folder)
+            tasks_done = json.loads((Path(resume_from) / "progress.json").read_text())["tasks_done"]
+            tags |= {"vlcl.exploited_from": donor.group(0) if donor else source_folder,
+                     "vlcl.exploited_after_task": str(tasks_done)}
+    # The sequence runs in a thread; this one (Tune's) reports each task's metrics and checkpoint.
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_sequence(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
+                         run_name_suffix=f"-{trial_id}", extra_tags=tags,
+                         ray_callbacks=[objective_report_callback(ObjectiveSettings(**objective), num_tasks, reports)])
+        except BaseException as err:  # re-raised in Tune's thread below
+            failure.append(err)
+        finally:
+            reports.put(None)
+
+    sequence = threading.Thread(target=run, name="vlcl-trial-sequence", daemon=True)
+    sequence.start()
+    while (item := reports.get()) is not None:
+        metrics, checkpoint_path = item
+        tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint_path) if checkpoint_path else None)
+    sequence.join()
+    if failure:
+        raise failure[0]
+
+
+def trial_resources(plan: SweepPlan, cluster_has_gpus: bool) -> dict[str, float]:
+    """What one trial holds at once: its own process plus its training workers."""
+    train = plan.base.train
+    use_gpu = cluster_has_gpus if train.use_gpu == "auto" else bool(train.use_gpu)
+    return {"CPU": plan.config.resources.trial_cpus + train.num_workers * train.cpus_per_worker,
+            "GPU": float(train.num_workers) if use_gpu else 0.0}
+
+
+def trial_process_resources(trial_cpus: float) -> dict[str, float]:
+    """What the trial's own process reserves. Tune refuses an all-zero reservation, so a trial that
+    holds no CPU reserves one byte of memory instead: on a 2-core machine Ray Data needs both cores
+    (a read task and a decoding actor) before the trial's training workers start."""
+    return {"CPU": trial_cpus} if trial_cpus > 0 else {"memory": 1.0}
+
+
+def derive_max_concurrent_trials(per_trial: dict[str, float], cluster: dict[str, float]) -> int:
+    """How many trials the cluster holds side by side (at least one: an autoscaler adds nodes)."""
+    fits = [cluster.get(kind, 0.0) / need for kind, need in per_trial.items() if need > 0]
+    return max(1, int(math.floor(min(fits) + 1e-9))) if fits else 1
+
+
+def tune_trial_states(results) -> dict[str, tuple[str, str]]:
+    """Trial folder -> (trial id, Tune's state: TERMINATED, ERROR, PENDING, PAUSED, RUNNING)."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    return {Path(trial.path).name: (trial.trial_id, trial.status)
+            for trial in getattr(analysis, "trials", None) or []}
