@@ -197,6 +197,52 @@ class RunConfig(_Section):
         return value if "://" in value else str(Path(value).expanduser().resolve())
 
 
+class PretrainConfig(_Section):
+    """`vlcl pretrain`'s settings (LiT alignment); each field is the flag of the same name."""
+
+    stream: str = Field("builtin:offline-pretrain", description="caption stream: manifest path or builtin:<name>")
+    model: str = Field("EffLite0-MiniLM", description="model with a timm image trunk")
+    pretrained: str | None = Field(None, description="start from this checkpoint instead of the towers' packages")
+    epochs: int | None = Field(None, ge=1, description="passes over the caption pairs (default 5)")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (instead of epochs)")
+    batch_size: int = Field(128, ge=1, description="pairs per step; more = more negatives")
+    lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up, then cosine to 0")
+    seed: int = Field(0, description="seeds the projection init and the batch order")
+    out: str = Field(description="checkpoint file to write (a .json summary goes beside it)")
+    eval_streams: list[str] = Field(default_factory=list, description="also scored before and after")
+    eval_max_samples: int | None = Field(None, ge=1, description="evaluate at most this many samples per task")
+    data_root: str | None = Field(None, description="where built-in streams live")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI")
+    experiment: str = Field("pretrain", description="MLflow experiment")
+    run_name: str | None = Field(None, description="MLflow run name (default lit-<model>-<stream>-s<seed>)")
+    log_every: int = Field(10, ge=1, description="print the loss every N steps")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("give exactly one of epochs and steps")
+        if self.epochs is None and self.steps is None:
+            self.epochs = 5
+        return self
+
+
+def pretrain_config(values: dict[str, Any], flag_prefix: str = "--") -> PretrainConfig:
+    """Validate `vlcl pretrain`'s options; an error names the flag (`--batch-size`) and the rule."""
+    try:
+        return PretrainConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            where = f"{flag_prefix}{where.replace('_', '-')}" if where else "options"
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("pretrain " + "; ".join(problems)) from None
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():

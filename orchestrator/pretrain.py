@@ -22,79 +22,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from orchestrator.config import ConfigError, RunConfig, TrackingConfig
+from orchestrator.config import ConfigError, PretrainConfig, RunConfig, TrackingConfig, pretrain_config
 
-DEFAULT_EXPERIMENT = "pretrain"
 FEATURE_BATCH = 256
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp on the learned temperature
 
 
 # ----------------------------------------------------------------------------------------------
-# data: shards -> decoded tensors
+# data: shards -> decoded tensors, with the training workers' reader (streams.local_reader)
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class DecodedSplit:
-    """One split of a task, decoded: pixels (N,H,W,3) uint8, tokens (N,L) int64, labels (N,) int64."""
+def read_split(urls: list[str], image_size: int, tokenizer, classes: list[str], max_samples: int | None = None):
+    """A split decoded as `vlcl run`'s workers decode it: `pixels`, `text` (token ids), `label`."""
+    from streams.local_reader import read_split as read_rows
+    from streams.samples import RowDecoder
 
-    pixels: torch.Tensor
-    tokens: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def iter_decoded(urls: list[str], image_size: int, tokenizer, classes: list[str], chunk: int = 512,
-                 max_samples: int | None = None) -> Iterator[DecodedSplit]:
-    """Decode shards in tar order, `chunk` samples at a time, as `streams.ray_reader` decodes them."""
-    import numpy as np
-    import torch
-
-    from streams.check import read_shard_samples
-    from streams.errors import ShardError
-    from streams.ray_reader import SampleDecoder
-
-    decoder = SampleDecoder(image_size, lambda: tokenizer, classes, on_bad_sample="error")
-    pixels, captions, labels, seen = [], [], [], 0
-
-    def flush() -> DecodedSplit:
-        split = DecodedSplit(torch.from_numpy(np.stack(pixels)), torch.from_numpy(decoder.tokenize(captions)),
-                             torch.tensor(labels, dtype=torch.int64))
-        pixels.clear(), captions.clear(), labels.clear()
-        return split
-
-    for url in urls:
-        for key, files in read_shard_samples(url):
-            try:
-                image, caption, label = decoder.decode_row(files)
-            except ValueError as err:
-                raise ShardError(f"shard {url} sample {key!r}: {err}. Rebuild the shard (`vlcl streams check` "
-                                 f"lists every bad sample)") from None
-            pixels.append(image)
-            captions.append(caption)
-            labels.append(label)
-            seen += 1
-            if len(pixels) == chunk:
-                yield flush()
-            if max_samples and seen >= max_samples:
-                if pixels:
-                    yield flush()
-                return
-    if pixels:
-        yield flush()
-
-
-def read_split(urls: list[str], image_size: int, tokenizer, classes: list[str],
-               max_samples: int | None = None) -> DecodedSplit:
-    import torch
-
-    parts = list(iter_decoded(urls, image_size, tokenizer, classes, max_samples=max_samples))
-    if not parts:
+    split = read_rows(urls, RowDecoder(image_size, lambda: tokenizer, classes), limit=max_samples)
+    if not len(split):
         raise ConfigError(f"no samples in shards {urls[:3]}")
-    return DecodedSplit(torch.cat([p.pixels for p in parts]), torch.cat([p.tokens for p in parts]),
-                        torch.cat([p.labels for p in parts]))
+    return split
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,14 +93,6 @@ def lit_loss(model, head, features: torch.Tensor, tokens: torch.Tensor) -> torch
     return clip_contrastive_loss(image_features, text_features, model.logit_scale.exp())
 
 
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return factor
-
-
 def train_lit(model, features: torch.Tensor, tokens: torch.Tensor, *, steps: int, batch_size: int, lr: float,
               weight_decay: float = 0.0, warmup_steps: int = 0, seed: int = 0, device="cpu",
               on_step=None) -> list[float]:
@@ -171,6 +109,8 @@ def train_lit(model, features: torch.Tensor, tokens: torch.Tensor, *, steps: int
     _, head = image_trunk_and_head(model)
     parameters = lit_parameters(model)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    from orchestrator.trainer import warmup_cosine
+
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, steps))
     generator = torch.Generator().manual_seed(seed)
     model.text.train()
@@ -205,7 +145,7 @@ class EvalSet:
     task: object  # streams.manifest.TaskSpec
     classes_for_classifier: list[str]
     label_map: torch.Tensor | None
-    data: DecodedSplit
+    data: object  # streams.local_reader.DecodedSplit
 
     @property
     def name(self) -> str:
@@ -241,8 +181,8 @@ def evaluate(model, built, eval_sets: list[EvalSet], device, batch_size: int = 2
     classifiers: dict[tuple, torch.Tensor] = {}
     for eval_set in eval_sets:
         data, task = eval_set.data, eval_set.task
-        batches = [{"pixels": data.pixels[i:i + batch_size], "text": data.tokens[i:i + batch_size],
-                    "label": data.labels[i:i + batch_size]} for i in range(0, len(data), batch_size)]
+        batches = [{"pixels": data.pixels[i:i + batch_size], "text": data.text[i:i + batch_size],
+                    "label": data.label[i:i + batch_size]} for i in range(0, len(data), batch_size)]
         if task.kind == "classification":
             key = (tuple(eval_set.classes_for_classifier), tuple(task.templates) if eval_set.label_map is None
                    else eval_set.stream)  # a stream classifier is built once, with its first task's templates
@@ -281,18 +221,16 @@ class PretrainResult:
     run_id: str | None
 
 
-def pretrain(args: argparse.Namespace, echo=print) -> PretrainResult:
+def pretrain(config: PretrainConfig, echo=print) -> PretrainResult:
     """Decode -> cache trunk features -> evaluate (before) -> LiT -> evaluate (after) -> save + MLflow."""
     from orchestrator.console import library_logs_to
 
-    if (args.epochs is None) == (args.steps is None):
-        raise ConfigError("pretrain: give exactly one of --epochs and --steps")
-    out = Path(args.out).expanduser().resolve()
+    out = Path(config.out).expanduser().resolve()
     with library_logs_to(out.with_suffix(".log"), verbose=False):  # MLflow's and the libraries' logs
-        return _pretrain(args, out, echo)
+        return _pretrain(config, out, echo)
 
 
-def _pretrain(args: argparse.Namespace, out: Path, echo) -> PretrainResult:
+def _pretrain(config: PretrainConfig, out: Path, echo) -> PretrainResult:
     import torch
 
     from methods.models import build_model
@@ -300,13 +238,13 @@ def _pretrain(args: argparse.Namespace, out: Path, echo) -> PretrainResult:
     from streams.builtin import open_stream
 
     started = time.time()
-    uri = tracking.resolve_tracking_uri(RunConfig(tracking=TrackingConfig(uri=args.tracking_uri)))
+    uri = tracking.resolve_tracking_uri(RunConfig(tracking=TrackingConfig(uri=config.tracking_uri)))
     tracking.check_reachable(uri)  # before any work
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    manifest, stream = open_stream(args.stream, args.data_root)
-    torch.manual_seed(args.seed)
-    built = build_model(args.model, args.pretrained)
+    manifest, stream = open_stream(config.stream, config.data_root)
+    torch.manual_seed(config.seed)
+    built = build_model(config.model, config.pretrained)
     model = built.model.to(device)
     trunk = lock_image_trunk(model)
     trunk_before = {k: v.clone() for k, v in trunk.state_dict().items()}
@@ -315,36 +253,36 @@ def _pretrain(args: argparse.Namespace, out: Path, echo) -> PretrainResult:
     tick = time.time()
     features, tokens, train_tasks = cache_training_features(stream, built, trunk, device)
     seconds["decode_and_cache_features"] = time.time() - tick
-    per_epoch = len(features) // args.batch_size
+    per_epoch = len(features) // config.batch_size
     if per_epoch == 0:
-        raise ConfigError(f"pretrain --batch-size {args.batch_size}: stream {stream.name!r} has only "
+        raise ConfigError(f"pretrain --batch-size {config.batch_size}: stream {stream.name!r} has only "
                           f"{len(features)} training pairs")
-    steps = args.steps if args.steps is not None else args.epochs * per_epoch
+    steps = config.steps if config.steps is not None else config.epochs * per_epoch
     echo(f"{len(features)} image-caption pairs from {stream.name} ({manifest}); trunk features "
          f"{tuple(features.shape)} cached in {seconds['decode_and_cache_features']:.0f} s; {steps} steps of "
-         f"batch {args.batch_size} ({steps / per_epoch:.1f} epochs)")
+         f"batch {config.batch_size} ({steps / per_epoch:.1f} epochs)")
 
     tick = time.time()
-    eval_sources = [args.stream] + [s for s in args.eval_streams if s != args.stream]
+    eval_sources = [config.stream] + [s for s in config.eval_streams if s != config.stream]
     eval_sets = [s for source in eval_sources
-                 for s in load_eval_sets(source, args.data_root, built.image_size, built.tokenizer,
-                                         args.eval_max_samples)]
+                 for s in load_eval_sets(source, config.data_root, built.image_size, built.tokenizer,
+                                         config.eval_max_samples)]
     before = evaluate(model, built, eval_sets, device)
     seconds["eval_before"] = time.time() - tick
 
-    params = {"model": args.model, "pretrained": args.pretrained, "stream": args.stream, "manifest": manifest,
-              "steps": steps, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-              "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps, "seed": args.seed,
+    params = {"model": config.model, "pretrained": config.pretrained, "stream": config.stream, "manifest": manifest,
+              "steps": steps, "epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr,
+              "weight_decay": config.weight_decay, "warmup_steps": config.warmup_steps, "seed": config.seed,
               "train_pairs": len(features), "image_size": built.image_size, "device": str(device),
               "threads": torch.get_num_threads(), "eval_streams": ",".join(eval_sources),
-              "eval_max_samples": args.eval_max_samples, "out": str(out)}
-    logger = start_pretrain_run(uri, args, stream.name, out, params)
+              "eval_max_samples": config.eval_max_samples, "out": str(out)}
+    logger = start_pretrain_run(uri, config, stream.name, out, params)
     try:
         logger.log_metrics(_eval_metrics(before), step=0)
         tick = time.time()
-        losses = train_lit(model, features, tokens, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                           weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
-                           device=device, on_step=loss_reporter(logger, steps, args.log_every, echo))
+        losses = train_lit(model, features, tokens, steps=steps, batch_size=config.batch_size, lr=config.lr,
+                           weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, seed=config.seed,
+                           device=device, on_step=loss_reporter(logger, steps, config.log_every, echo))
         seconds["train"] = time.time() - tick
         if any(not torch.equal(trunk_before[k], v) for k, v in trunk.state_dict().items()):
             raise RuntimeError("LiT changed the locked image trunk")  # a bug, never a user error
@@ -358,15 +296,15 @@ def _pretrain(args: argparse.Namespace, out: Path, echo) -> PretrainResult:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
         seconds["total"] = time.time() - started
         summary = {
-            "checkpoint": str(out), "model": args.model, "pretrained": args.pretrained,
-            "use_in_run_config": {"model": {"name": args.model, "pretrained": str(out)}},
+            "checkpoint": str(out), "model": config.model, "pretrained": config.pretrained,
+            "use_in_run_config": {"model": {"name": config.model, "pretrained": str(out)}},
             "image_size": built.image_size, "image_mean": built.image_mean, "image_std": built.image_std,
-            "trained_on": {"stream": stream.name, "source": args.stream, "manifest": manifest,
+            "trained_on": {"stream": stream.name, "source": config.stream, "manifest": manifest,
                            "tasks": train_tasks, "train_pairs": len(features)},
             "method": "LiT: image trunk locked (eval mode, cached features); image head, text tower, text "
                       "projection and logit scale trained with the CLIP contrastive loss",
-            "steps": steps, "epochs": steps / per_epoch, "batch_size": args.batch_size, "lr": args.lr,
-            "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps, "seed": args.seed,
+            "steps": steps, "epochs": steps / per_epoch, "batch_size": config.batch_size, "lr": config.lr,
+            "weight_decay": config.weight_decay, "warmup_steps": config.warmup_steps, "seed": config.seed,
             "device": str(device), "threads": torch.get_num_threads(),
             "loss": {"first": losses[0], "final": losses[-1],
                      "final_epoch_mean": sum(losses[-per_epoch:]) / len(losses[-per_epoch:])},
@@ -374,7 +312,7 @@ def _pretrain(args: argparse.Namespace, out: Path, echo) -> PretrainResult:
             "zero_shot": {name: {"kind": before[name]["kind"], "metric": before[name]["metric"],
                                  "before": _plain(before[name]), "after": _plain(after[name])} for name in before},
             "seconds": {k: round(v, 1) for k, v in seconds.items()},
-            "mlflow": {"tracking_uri": uri, "experiment": args.experiment, "run_id": logger.run_id},
+            "mlflow": {"tracking_uri": uri, "experiment": config.experiment, "run_id": logger.run_id},
             "git_commit": tracking.git_commit(),
         }
         summary_path = out.with_suffix(".json")
@@ -388,7 +326,7 @@ def _pretrain(args: argparse.Namespace, out: Path, echo) -> PretrainResult:
     logger.finish()
     echo("\n" + format_table(before, after))
     echo(f"\ncheckpoint {out}\nsummary    {summary_path}\nMLflow run {logger.run_id} (experiment "
-         f"{args.experiment!r}) in {uri}\nuse it:    model: {{name: {args.model}, pretrained: {out}}}  "
+         f"{config.experiment!r}) in {uri}\nuse it:    model: {{name: {config.model}, pretrained: {out}}}  "
          f"({seconds['total']:.0f} s)")
     return PretrainResult(out, summary_path, summary, logger.run_id)
 
@@ -397,26 +335,30 @@ def cache_training_features(stream, built, trunk, device):
     """Every task's train pairs: (trunk features (N, D), token ids (N, L), per-task counts)."""
     import torch
 
+    from streams.local_reader import iter_split
+    from streams.samples import RowDecoder
+
     feature_parts, token_parts, counts = [], [], []
     for task in stream.tasks:
         count = 0
-        for chunk in iter_decoded(stream.shard_urls(task.train), built.image_size, built.tokenizer, task.classes):
+        decoder = RowDecoder(built.image_size, lambda: built.tokenizer, task.classes)
+        for chunk in iter_split(stream.shard_urls(task.train), decoder, chunk_rows=512):
             feature_parts.append(trunk_features(trunk, chunk.pixels, built.image_mean, built.image_std, device))
-            token_parts.append(chunk.tokens)
+            token_parts.append(chunk.text)
             count += len(chunk)
         counts.append({"task": task.name, "train_pairs": count})
     return torch.cat(feature_parts), torch.cat(token_parts), counts
 
 
-def start_pretrain_run(uri: str, args, stream_name: str, out: Path, params: dict):
-    """The MLflow run of one alignment, in experiment `args.experiment`; returns its Tracker."""
+def start_pretrain_run(uri: str, config: PretrainConfig, stream_name: str, out: Path, params: dict):
+    """The MLflow run of one alignment, in experiment `config.experiment`; returns its Tracker."""
     from orchestrator import tracking
 
-    run_name = args.run_name or f"lit-{args.model}-{stream_name}-s{args.seed}"
-    tracker = tracking.Tracker.start(uri, args.experiment, run_name, {
-        "vlcl.kind": "pretrain", "vlcl.model": args.model, "vlcl.stream": stream_name,
-        "vlcl.seed": str(args.seed), "vlcl.git_commit": tracking.git_commit(), "vlcl.checkpoint": str(out)},
-        description=f"LiT alignment of {args.model} on {stream_name}: trunk locked, text tower and "
+    run_name = config.run_name or f"lit-{config.model}-{stream_name}-s{config.seed}"
+    tracker = tracking.Tracker.start(uri, config.experiment, run_name, {
+        "vlcl.kind": "pretrain", "vlcl.model": config.model, "vlcl.stream": stream_name,
+        "vlcl.seed": str(config.seed), "vlcl.git_commit": tracking.git_commit(), "vlcl.checkpoint": str(out)},
+        description=f"LiT alignment of {config.model} on {stream_name}: trunk locked, text tower and "
                     f"projections trained; zero-shot before (step 0) and after (step 1)")
     tracker.log_params(params)
     return tracker
@@ -450,50 +392,44 @@ def add_pretrain_commands(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "pretrain", help="LiT alignment: lock the image trunk, train text tower + projections on a caption stream",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stream", default="builtin:offline-pretrain",
+    parser.add_argument("--stream",
                         help="caption stream: manifest path or builtin:<name> (every task's train shards are "
                              "image-caption pairs; default builtin:offline-pretrain)")
-    parser.add_argument("--model", default="EffLite0-MiniLM", help="model with a timm image trunk (default EffLite0-MiniLM)")
+    parser.add_argument("--model", help="model with a timm image trunk (default EffLite0-MiniLM)")
     parser.add_argument("--pretrained", help="start from this checkpoint instead of the towers' packages")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="passes over the caption pairs (default 5)")
     length.add_argument("--steps", type=int, help="optimizer steps (instead of --epochs)")
-    parser.add_argument("--batch-size", type=int, default=128, help="pairs per step; more = more negatives (default 128)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    parser.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up, then cosine to 0 (default 10)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the projection init and the batch order")
+    parser.add_argument("--batch-size", type=int, help="pairs per step; more = more negatives (default 128)")
+    parser.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-4)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    parser.add_argument("--warmup-steps", type=int, help="linear warm-up, then cosine to 0 (default 10)")
+    parser.add_argument("--seed", type=int, help="seeds the projection init and the batch order (default 0)")
     parser.add_argument("--out", required=True, help="checkpoint file to write (a .json summary goes beside it)")
     parser.add_argument("--eval-stream", dest="eval_streams", action="append", default=[],
                         help="also report zero-shot on every task of this stream before and after (repeatable; "
                              "the --stream's own eval split is always reported)")
     parser.add_argument("--eval-max-samples", type=int, help="evaluate at most this many samples per task")
     parser.add_argument("--data-root", help="where built-in streams live (default $VLCL_DATA_DIR or ~/.cache/vlcl)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; on a CPU shared "
                                                     "with other jobs 1 can be several times faster)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default pretrain)")
+    parser.add_argument("--experiment", help="MLflow experiment (default pretrain)")
     parser.add_argument("--run-name", help="MLflow run name (default lit-<model>-<stream>-s<seed>)")
-    parser.add_argument("--log-every", type=int, default=10, help="print the loss every N steps")
+    parser.add_argument("--log-every", type=int, help="print the loss every N steps (default 10)")
+    # Defaults live in orchestrator.config.PretrainConfig, which validates every option.
     parser.set_defaults(func=command_pretrain)
     return parser
 
 
 def command_pretrain(args) -> int:
-    for name in ("epochs", "steps", "batch_size", "log_every", "eval_max_samples", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"pretrain --{name.replace('_', '-')}: must be at least 1, got {value}")
-    if args.lr <= 0:
-        raise ConfigError(f"pretrain --lr: must be positive, got {args.lr}")
-    if args.epochs is None and args.steps is None:
-        args.epochs = 5
-    if args.threads:
+    config = pretrain_config({k: v for k, v in vars(args).items() if k in PretrainConfig.model_fields})
+    if config.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    pretrain(args, echo=lambda line: print(line, flush=True))
+        torch.set_num_threads(config.threads)
+    pretrain(config, echo=lambda line: print(line, flush=True))
     return 0
 
 

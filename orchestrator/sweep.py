@@ -24,10 +24,13 @@ Modules: sweep_config (the file), sweep_objective (ranking), sweep_tune (Ray Tun
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,36 @@ class SweepResult:
     @property
     def trial_tasks_trained(self) -> int:
         return sum(t.tasks_trained for t in self.trials)
+
+
+def trial_lines(num_tasks: int):
+    """The console of a sweep, as a Tune callback: a line per trial per task (objective, the trial's
+    values), and one when it ends. It holds only numbers and strings because Tune pickles its
+    callbacks with the experiment state, and writes to the process's real stdout (Tune's own output
+    goes to the log file meanwhile)."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def __init__(self):
+            self.started = time.time()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            params = "  ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else
+                               f"{k.rsplit('.', 1)[-1]}={v}" for k, v in trial.config.items())
+            self._line(f"trial {trial.trial_id}  task {result.get('task', '?')}/{num_tasks}  "
+                       f"objective {result.get(OBJECTIVE_KEY, math.nan):.4f}  {params}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(f"trial {trial.trial_id}  ended after task {(trial.last_result or {}).get('task', 0)}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(f"trial {trial.trial_id}  FAILED (its error: {trial.path})")
+
+        def _line(self, text: str) -> None:
+            sys.__stdout__.write(f"{text}  ({time.time() - self.started:.0f} s)\n")
+            sys.__stdout__.flush()
+
+    return TrialLines()
 
 
 def _sweep_state_dir(plan: SweepPlan, resume: bool) -> tuple[str, Path]:
@@ -111,6 +144,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
     from ray import tune
 
     from orchestrator import tracking
+    from orchestrator.console import library_logs_to
     from orchestrator.runtime import ensure_ray
     from streams.builtin import open_stream
 
@@ -141,7 +175,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
     max_concurrent = plan.config.resources.max_concurrent_trials or derive_max_concurrent_trials(
         per_trial, ray.cluster_resources())
 
-    callbacks = [orphaned_reservation_releaser()]
+    callbacks = [orphaned_reservation_releaser()] + ([] if quiet else [trial_lines(num_tasks)])
     if resume:
         tuner = tune.Tuner.restore(str(state_dir / "tune"), trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -151,8 +185,16 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
                            run_config=tune.RunConfig(name="tune", storage_path=str(state_dir),
                                                      stop=stop_rule_stopper(plan.config.stop) if plan.config.stop else None,
                                                      callbacks=callbacks,
-                                                     verbose=0 if quiet else 1))
-    results = tuner.fit()
+                                                     verbose=0))
+    log_file = state_dir / "vlcl.log"
+    if not quiet:
+        print(f"sweep {sweep_id}: {plan.base.method.name} on {stream.name} ({num_tasks} tasks), "
+              f"{plan.config.search.algorithm} search, {plan.config.scheduler.type} scheduler, "
+              f"up to {max_concurrent} trial(s) at once", flush=True)
+        print(f"Ray, Tune and library logs: {log_file}", flush=True)
+    with library_logs_to(log_file, verbose=False), open(log_file, "a") as tune_output, \
+            contextlib.redirect_stdout(tune_output):  # Tune prints its tables and boxes at any verbosity
+        results = tuner.fit()
     states = tune_trial_states(results)
     trials = [_outcome(result, plan, num_tasks, states) for result in results]
     _attach_child_runs(tracker, trials)

@@ -140,3 +140,17 @@ def test_streaming_cpus_leave_the_read_tasks_a_share_of_the_spare_cpus():
     assert streaming_cpus(4.0, two) == (1.0, 1.0)
     with pytest.raises(ConfigError, match=r"train.cpus_per_worker.*reserve 2"):
         streaming_cpus(2.0, with_overrides(config, {"train.num_workers": 2}))
+
+
+def test_pretrain_options_are_one_validated_config_whose_errors_name_the_flag():
+    from orchestrator.config import pretrain_config
+
+    config = pretrain_config({"out": "x.pt", "steps": None, "lr": None})
+    assert config.epochs == 5 and config.steps is None and config.lr == 1e-4 and config.batch_size == 128
+    assert pretrain_config({"out": "x.pt", "steps": 3}).epochs is None
+    with pytest.raises(ConfigError, match=r"--batch-size: Input should be greater than or equal to 1"):
+        pretrain_config({"out": "x.pt", "batch_size": 0})
+    with pytest.raises(ConfigError, match=r"exactly one of epochs and steps"):
+        pretrain_config({"out": "x.pt", "epochs": 2, "steps": 3})
+    with pytest.raises(ConfigError, match=r"--out: Field required"):
+        pretrain_config({})

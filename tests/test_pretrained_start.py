@@ -257,7 +257,7 @@ def test_pretrain_cli_writes_checkpoint_summary_and_mlflow_run(tmp_path, capsys)
     # ... and the "after" numbers are that checkpoint's own, recomputed here
     spec = load_stream(captions)
     data = read_split(spec.shard_urls(spec.tasks[0].eval), loaded.image_size, loaded.tokenizer, [])
-    recalls = retrieval_recalls(loaded.model.eval(), [{"pixels": data.pixels, "text": data.tokens}],
+    recalls = retrieval_recalls(loaded.model.eval(), [{"pixels": data.pixels, "text": data.text}],
                                 loaded.image_mean, loaded.image_std, "cpu")
     assert recalls["r_mean"] == pytest.approx(summary["zero_shot"]["tiny-captions/pairs"]["after"]["r_mean"])
 
@@ -283,7 +283,7 @@ def test_pretrain_cli_rejects_bad_options(tmp_path, capsys):
     common = ["pretrain", "--stream", str(captions), "--out", str(tmp_path / "x.pt"),
               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     assert main(common + ["--steps", "0"]) == 2
-    assert "--steps: must be at least 1" in capsys.readouterr().err
+    assert "--steps: Input should be greater than or equal to 1" in capsys.readouterr().err
     assert main(common + ["--steps", "1", "--batch-size", "64"]) == 2
     assert "only 20 training pairs" in capsys.readouterr().err
     assert main(common + ["--steps", "1", "--model", "vlcl-tiny"]) == 2
