@@ -79,6 +79,7 @@ class RunPlan:
     fault: FaultInjection | None = None
     progress_sink: object = None  # a Ray actor handle the console reads; None: no live progress
     started_at: float = 0.0  # driver's time.time() when the run was asked for (first-step latency)
+    shared: object = None  # a sweep's SharedValues actor: results its trials compute once (the zero-shot row)
 
     @property
     def task_names(self) -> list[str]:
@@ -92,6 +93,21 @@ class RunPlan:
     def streamed_tasks(self) -> list[TaskPlan]:
         """Tasks whose training split streams through Ray Data (too large to keep decoded)."""
         return [t for t in self.tasks if not t.train.cached]
+
+
+def zero_shot_key(plan: RunPlan) -> str:
+    """What decides a run's zero-shot row: the starting model (name, weights, seed), the stream, its
+    order and its eval sets, and the method (whose eval_model is scored). Trials of a sweep with the
+    same key have the same row; their learning rates, method hyperparameters and schedules act only
+    in training."""
+    import hashlib
+    import json
+
+    config = plan.config
+    decisive = {"model": config.model.model_dump(), "seed": config.train.seed, "manifest": plan.manifest,
+                "task_order": config.task_order, "eval": config.eval.model_dump(), "data": config.data.model_dump(),
+                "method": config.method.name, "image_size": plan.image_size}
+    return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass

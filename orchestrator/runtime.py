@@ -68,3 +68,23 @@ def release_orphaned_placement_groups() -> int:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
             released += 1
     return released
+
+
+class SharedValues:
+    """A key-value store that the trials of one sweep share through Ray (works across nodes): the
+    first trial to compute a result every trial would compute the same way puts it; the others get it."""
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def get(self, key: str):
+        return self.values.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.values.setdefault(key, value)
+
+
+def start_shared_values():
+    import ray
+
+    return ray.remote(num_cpus=0)(SharedValues).remote()

@@ -153,6 +153,9 @@ class SweepConfig(_Section):
     stop: list[StopRule] = Field(default_factory=list, description="stop rules, e.g. forgetting above 0.3 after task 2")
     resources: ResourceSettings = Field(default_factory=ResourceSettings)
     storage_path: str = Field("vlcl_sweeps", description="where Tune keeps the sweep's state (shared on a cluster)")
+    share_zero_shot: bool = Field(
+        True, description="trials that start from the same model on the same eval sets score the zero-shot row "
+                          "once per sweep (the first trial computes it; each trial's run is tagged vlcl.zero_shot)")
 
 
 @dataclass

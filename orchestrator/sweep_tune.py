@@ -149,7 +149,7 @@ def orphaned_reservation_releaser():
 
 
 def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int, sweep_id: str,
-              parent_run_id: str) -> None:
+              parent_run_id: str, shared=None) -> None:
     """The Tune function trainable: one whole task sequence with this trial's hyperparameters."""
     import threading
 
@@ -182,7 +182,7 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
     def run() -> None:
         try:
             run_sequence(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
-                         run_name_suffix=f"-{trial_id}", extra_tags=tags,
+                         run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared,
                          ray_callbacks=[objective_report_callback(ObjectiveSettings(**objective), num_tasks, reports)])
         except BaseException as err:  # re-raised in Tune's thread below
             failure.append(err)

@@ -28,7 +28,7 @@ import torch
 
 from orchestrator.config import ConfigError, RunConfig, to_yaml
 from orchestrator.metrics import summarize, summarize_control
-from orchestrator.plan import FaultInjection, Progress, RunPlan, TaskPlan
+from orchestrator.plan import FaultInjection, Progress, RunPlan, TaskPlan, zero_shot_key
 
 
 @dataclass
@@ -54,12 +54,15 @@ class SequenceResult:
 # ----------------------------------------------------------------------------------------------
 def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | None = None,
                  parent_run_id: str | None = None, run_name_suffix: str = "", extra_tags: dict | None = None,
-                 ray_callbacks: list | None = None, quiet: bool = False, verbose: bool = False) -> SequenceResult:
+                 ray_callbacks: list | None = None, shared=None, quiet: bool = False,
+                 verbose: bool = False) -> SequenceResult:
     """Train and evaluate `config`'s method over its stream; everything lands in MLflow.
 
     `resume`: continue the last unfinished run of this config (its MLflow run and its latest
     checkpoint, or `resume_from` when given). `resume_from` alone: start from a task checkpoint
-    directory instead of from scratch (a PBT exploit), in a new MLflow run. `quiet`: no console (tests, sweep trials)."""
+    directory instead of from scratch (a PBT exploit), in a new MLflow run. `shared`: a sweep's
+    SharedValues actor (the zero-shot row is computed by the first trial that needs it).
+    `quiet`: no console (tests, sweep trials)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -95,7 +98,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
             sink = None if quiet else start_progress_sink()
             plan = replace(plan, tracking_uri=uri, run_id=tracker.run_id, resume_from=resume_from,
                            use_gpu=cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu),
-                           fault=FaultInjection.from_env(), progress_sink=sink, started_at=started)
+                           fault=FaultInjection.from_env(), progress_sink=sink, started_at=started, shared=shared)
             run_state = {"run_name": run_name, "run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
                          "ray_name": ray_name, "previous": state["ray_name"] if state else None, "finished": False}
             write_state(output / "runs" / f"{ray_name}.json", run_state)
@@ -280,12 +283,13 @@ def train_sequence(loop_config: dict) -> None:
         monitor = tracker.system_monitor(resume=checkpoint_dir is not None)
         monitor.start()
 
-    def evaluate_and_record(row_index: int) -> dict[str, float]:
-        """Score every eval and control set; add the row to progress; log it. Returns the metrics."""
+    def evaluate_and_record(row_index: int, scored: tuple | None = None) -> dict[str, float]:
+        """Score every eval and control set (or take `scored`, the (row, control row, details) a
+        sweep's trials share); add the row to progress; log it. Returns the metrics."""
         from orchestrator.evaluation import evaluate_all
 
-        row, control_row, details = evaluate_all(method.eval_model(), plan, data, built.tokenizer, built.image_mean,
-                                                 built.image_std, device, autocast)
+        row, control_row, details = scored or evaluate_all(method.eval_model(), plan, data, built.tokenizer,
+                                                           built.image_mean, built.image_std, device, autocast)
         progress.matrix.append(row)
         progress.control.append(control_row)
         progress.eval_details[str(row_index)] = details
@@ -303,7 +307,14 @@ def train_sequence(loop_config: dict) -> None:
 
     # -- the zero-shot row, once, before any training ---------------------------------------------
     if not progress.matrix:
-        evaluate_and_record(0)
+        shared = shared_zero_shot(plan, rank)
+        evaluate_and_record(0, scored=shared and (shared["row"], shared["control_row"], shared["details"]))
+        if tracker and plan.shared is not None:
+            tracker.set_tag("vlcl.zero_shot", f"shared: computed by run {shared['run_id']}" if shared else "computed")
+        if shared is None and plan.shared is not None and rank == 0:
+            plan.shared.put.remote(zero_shot_key(plan), {
+                "row": progress.matrix[0], "control_row": progress.control[0],
+                "details": progress.eval_details["0"], "run_id": plan.run_id})
         reporter.evaluated(-1, "zero-shot", progress.matrix[0], progress.control[0])
 
     # -- the tasks ----------------------------------------------------------------------------------
@@ -329,6 +340,19 @@ def train_sequence(loop_config: dict) -> None:
             inject_fault(plan.fault, progress.tasks_done, rank)
     if monitor is not None:
         monitor.finish()
+
+
+def shared_zero_shot(plan: RunPlan, rank: int) -> dict | None:
+    """The zero-shot row another trial of the sweep computed with the same starting model and eval
+    sets, or None. Rank 0 asks and tells the others, so all ranks take the same path."""
+    from methods.distributed import broadcast_object
+
+    if plan.shared is None:
+        return None
+    import ray
+
+    found = ray.get(plan.shared.get.remote(zero_shot_key(plan))) if rank == 0 else None
+    return broadcast_object(found)
 
 
 def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, optimizer_state, progress: Progress,

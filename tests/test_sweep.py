@@ -279,3 +279,34 @@ def test_resume_of_a_finished_sweep_reruns_no_trial(finished_sweep):
     children = client.search_runs([result.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert len(children) == 3  # no trial started again
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_share_one_zero_shot_row_and_it_is_the_row_each_would_compute(finished_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import with_overrides
+    from orchestrator.trainer import run_sequence
+    from streams.manifest import load_stream
+
+    plan, result = finished_sweep
+    client = MlflowClient(tracking_uri=plan.base.tracking.uri)
+    runs = [client.get_run(t.run_id) for t in result.trials]
+    computed = [r for r in runs if r.data.tags["vlcl.zero_shot"] == "computed"]
+    # The trials differ only in lr: one scores the zero-shot row, the others take it.
+    assert len(computed) == 1
+    assert sorted(r.data.tags["vlcl.zero_shot"] for r in runs if r is not computed[0]) == \
+        [f"shared: computed by run {computed[0].info.run_id}"] * 2
+    # Every trial holds the same row, and logs it as its own at step 0.
+    rows = [t.matrix[0] for t in result.trials]
+    assert all(row == rows[0] for row in rows)
+    first_task = load_stream(plan.base.stream).tasks[0].name
+    for run in runs:
+        logged = [m.value for m in client.get_metric_history(run.info.run_id, f"eval/{first_task}/score") if m.step == 0]
+        assert logged == [rows[0][0]]
+    # ... and it is the row this config scores on its own, outside a sweep.
+    alone = run_sequence(with_overrides(plan.base, {"train.max_steps_per_task": 1, "tracking.checkpoints": "none",
+                                                    "output_dir": str(Path(plan.base.output_dir).parent / "alone")}),
+                         quiet=True)
+    assert alone.matrix[0] == rows[0]
