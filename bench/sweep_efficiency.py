@@ -72,7 +72,9 @@ def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str)
                       if scheduler == "pbt" else
                       {"type": "asha" if early_stopping else "none", "grace_period": 1, "reduction_factor": 2}),
         "stop": [{"metric": "cl/forgetting", "max": args.forgetting_bound, "after_task": 2}] if early_stopping else [],
-        "resources": {"workers": 1, "cpus_per_worker": args.cpus_per_worker, "max_concurrent_trials": args.concurrent},
+        # PBT compares its whole population at every task boundary: all of it runs at once.
+        "resources": {"workers": 1, "cpus_per_worker": args.cpus_per_worker,
+                      "max_concurrent_trials": args.population if scheduler == "pbt" else args.concurrent},
         "storage_path": str(folder / "sweeps"),
     }
 
@@ -121,7 +123,7 @@ def main() -> int:
     parser.add_argument("--label-smoothing", type=float, nargs="+", default=[0.0, 0.2])
     parser.add_argument("--forgetting-bound", type=float, default=0.3)
     parser.add_argument("--cpus-per-worker", type=float, default=0.5)
-    parser.add_argument("--concurrent", type=int, default=1, help="trials at once (1 on a 2-core machine)")
+    parser.add_argument("--concurrent", type=int, default=1, help="grid and ASHA trials at once (1 on a 2-core machine)")
     parser.add_argument("--population", type=int, default=4, help="PBT trials (default: half the 8-configuration grid)")
     parser.add_argument("--out", type=Path, default=None, help="keep sweeps, runs and mlflow.db here")
     args = parser.parse_args()
@@ -154,7 +156,7 @@ def main() -> int:
           f"within one point: {summary['within_one_point']}")
     print(f"PBT: population {args.population}, trial-tasks {summary['pbt_trial_tasks']} -> ratio "
           f"{summary['pbt_compute_ratio']:.2f} of the grid's (wall {seconds['pbt']:.0f} s); {summary['pbt_exploits']} "
-          f"trials continued from another's state; best objective {summary['pbt_best_objective']:.4f}; "
+          f"trials finished on a state copied from another trial; best objective {summary['pbt_best_objective']:.4f}; "
           f"within one point of the grid's best: {summary['pbt_within_one_point']}")
     print(f"PBT's best schedule: {summary['pbt_best_schedule']}")
     print(f"artifacts in {folder}")

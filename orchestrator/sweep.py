@@ -37,7 +37,8 @@ from pathlib import Path
 import yaml
 
 from orchestrator.config import RunConfig, as_data, to_yaml, with_overrides
-from orchestrator.sweep_config import ParamSpec, SweepError, SweepPlan, load_sweep_config, pbt_keys, schedule_config
+from orchestrator.sweep_config import (ParamSpec, SweepError, SweepPlan, load_sweep_config, pbt_keys, population_size,
+                                       schedule_config)
 from orchestrator.sweep_objective import (OBJECTIVE_KEY, ZERO_SHOT_DROP_KEY, TrialOutcome, finite, plot_objective_per_task,
                                         rank_trials)
 from orchestrator.sweep_tune import (derive_max_concurrent_trials, orphaned_reservation_releaser, run_trial,
@@ -176,6 +177,13 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
     trainable = tune.with_resources(trainable, trial_process_resources(plan.config.resources.trial_cpus))
     max_concurrent = plan.config.resources.max_concurrent_trials or derive_max_concurrent_trials(
         per_trial, ray.cluster_resources())
+    if plan.config.scheduler.type == "pbt" and max_concurrent < population_size(plan):
+        # Tune adds trials as resources free up: a population that runs in turns is never compared.
+        raise SweepError(
+            f"{plan.source}: scheduler pbt runs its population of {population_size(plan)} trials at once, and "
+            f"{'max_concurrent_trials' if plan.config.resources.max_concurrent_trials else 'the cluster'} allows "
+            f"{max_concurrent} (each trial holds {per_trial}; cluster {dict(ray.cluster_resources())}). "
+            f"Lower resources.cpus_per_worker or search.num_samples, or add nodes")
 
     callbacks = [orphaned_reservation_releaser()] + ([] if quiet else [trial_lines(num_tasks)])
     if resume:

@@ -136,6 +136,9 @@ def test_pbt_perturbs_only_keys_that_can_change_between_tasks():
                                  "train.batch_size": {"type": "choice", "values": [16, 32]}}})
     # memory_size shapes the replay memory a trial carries across tasks; batch size is not per-task.
     assert pbt_keys(plan) == ["train.lr"]
+    with pytest.raises(SweepConfigError, match=r"resources.max_concurrent_trials: pbt compares the whole population"):
+        plan_sweep({"base": TINY_BASE, "scheduler": {"type": "pbt"}, "search": {"num_samples": 4},
+                    "resources": {"max_concurrent_trials": 1}})
     with pytest.raises(SweepConfigError, match=r"scheduler pbt .*no key of the space can change"):
         plan_sweep({"base": {**TINY_BASE, "method": {"name": "er"}}, "use_default_space": False,
                     "scheduler": {"type": "pbt"}, "space": {"memory_size": {"type": "choice", "values": [20, 40]}}})
