@@ -141,12 +141,24 @@ def _start_parent_run(plan: SweepPlan, sweep_id: str, stream, uri: str):
 
 def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = None,
               quiet: bool = False) -> SweepResult:
-    """Run (or continue) the sweep and log its leaderboard to the parent MLflow run."""
+    """Run (or continue) the sweep and log its leaderboard to the parent MLflow run. The console gets
+    a header and one line per trial per task; Ray's, Tune's and the libraries' output goes to the
+    sweep's log file."""
+    from orchestrator.console import library_logs_to
+
+    sweep_id, state_dir = _sweep_state_dir(plan, resume)
+    log_file = state_dir / "vlcl.log"
+    with library_logs_to(log_file, verbose=False), open(log_file, "a") as tune_output, \
+            contextlib.redirect_stdout(tune_output):  # Tune prints its tables and boxes at any verbosity
+        return _run_sweep(plan, sweep_id, state_dir, resume=resume, address=address, quiet=quiet)
+
+
+def _run_sweep(plan: SweepPlan, sweep_id: str, state_dir: Path, *, resume: bool, address: str | None,
+               quiet: bool) -> SweepResult:
     import ray
     from ray import tune
 
     from orchestrator import tracking
-    from orchestrator.console import library_logs_to
     from orchestrator.runtime import ensure_ray, start_shared_values
     from streams.builtin import open_stream
 
@@ -155,7 +167,6 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
     num_tasks = len(stream.tasks)
     uri = tracking.resolve_tracking_uri(plan.base)
     tracking.check_reachable(uri)
-    sweep_id, state_dir = _sweep_state_dir(plan, resume)
     if resume:
         state = json.loads((state_dir / SWEEP_STATE_FILE).read_text())
         tracker = tracking.SweepTracker(uri, state["parent_run_id"], state["experiment_id"])
@@ -196,15 +207,13 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
                                                      stop=stop_rule_stopper(plan.config.stop) if plan.config.stop else None,
                                                      callbacks=callbacks,
                                                      verbose=0))
-    log_file = state_dir / "vlcl.log"
     if not quiet:
-        print(f"sweep {sweep_id}: {plan.base.method.name} on {stream.name} ({num_tasks} tasks), "
-              f"{plan.config.search.algorithm} search, {plan.config.scheduler.type} scheduler, "
-              f"up to {max_concurrent} trial(s) at once", flush=True)
-        print(f"Ray, Tune and library logs: {log_file}", flush=True)
-    with library_logs_to(log_file, verbose=False), open(log_file, "a") as tune_output, \
-            contextlib.redirect_stdout(tune_output):  # Tune prints its tables and boxes at any verbosity
-        results = tuner.fit()
+        sys.__stdout__.write(f"sweep {sweep_id}: {plan.base.method.name} on {stream.name} ({num_tasks} tasks), "
+                             f"{plan.config.search.algorithm} search, {plan.config.scheduler.type} scheduler, "
+                             f"up to {max_concurrent} trial(s) at once\n"
+                             f"Ray, Tune and library logs: {state_dir / 'vlcl.log'}\n")
+        sys.__stdout__.flush()
+    results = tuner.fit()
     states = tune_trial_states(results)
     trials = [_outcome(result, plan, num_tasks, states) for result in results]
     _attach_child_runs(tracker, trials)
