@@ -163,7 +163,7 @@ def _run_sweep(plan: SweepPlan, sweep_id: str, state_dir: Path, *, resume: bool,
     from streams.builtin import open_stream
 
     ensure_ray(address)
-    _, stream = open_stream(plan.base.stream, plan.base.data.root)
+    manifest, stream = open_stream(plan.base.stream, plan.base.data.root)
     num_tasks = len(stream.tasks)
     uri = tracking.resolve_tracking_uri(plan.base)
     tracking.check_reachable(uri)
@@ -173,6 +173,7 @@ def _run_sweep(plan: SweepPlan, sweep_id: str, state_dir: Path, *, resume: bool,
         tracker.set_running()
     else:
         tracker = _start_parent_run(plan, sweep_id, stream, uri)
+        tracker.log_stream_input(stream, manifest)  # the stream's dataset row exists before trials log it
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / SWEEP_STATE_FILE).write_text(json.dumps(
             {"sweep_id": sweep_id, "experiment_id": tracker.experiment_id, "parent_run_id": tracker.run_id,

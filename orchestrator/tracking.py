@@ -177,8 +177,15 @@ class Tracker:
 
         dataset = MetaDataset(LocalArtifactDatasetSource(str(manifest_path)), name=stream.name,
                               digest=stream_digest(stream))
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
-            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train+eval")])])
+        entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train+eval")])
+        try:
+            self.client.log_inputs(self.run_id, datasets=[entry])
+        except Exception as err:
+            # Runs started side by side (a sweep's trials) race to insert the experiment's one row for
+            # this stream; the loser finds the winner's row on the second try.
+            if "UNIQUE constraint failed: datasets" not in str(err):
+                raise
+            self.client.log_inputs(self.run_id, datasets=[entry])
 
     def log_matrix(self, task_names: list[str], rows: list[list[float]], control_names: list[str] = (),
                    control_rows: list[list[float]] = ()) -> None:

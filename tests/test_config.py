@@ -154,3 +154,31 @@ def test_pretrain_options_are_one_validated_config_whose_errors_name_the_flag():
         pretrain_config({"out": "x.pt", "epochs": 2, "steps": 3})
     with pytest.raises(ConfigError, match=r"--out: Field required"):
         pretrain_config({})
+
+
+def test_a_run_that_loses_the_race_for_the_streams_dataset_row_logs_its_input_on_the_second_try(tmp_path,
+                                                                                               digits_manifest):
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.tracking import Tracker
+    from streams.manifest import load_stream
+
+    stream = load_stream(digits_manifest)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker.start(uri, "race", "trial", {})
+    real, calls = tracker.client.log_inputs, []
+
+    def lose_once(run_id, datasets):
+        calls.append(run_id)
+        if len(calls) == 1:  # what a side-by-side trial's insert makes this one see
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        return real(run_id, datasets=datasets)
+
+    tracker.client.log_inputs = lose_once
+    tracker.log_stream_input(stream, str(digits_manifest))
+    assert len(calls) == 2
+    assert tracker.client.get_run(tracker.run_id).inputs.dataset_inputs[0].dataset.name == stream.name
+    tracker.client.log_inputs = lambda run_id, datasets: (_ for _ in ()).throw(MlflowException("store down"))
+    with pytest.raises(MlflowException, match="store down"):
+        tracker.log_stream_input(stream, str(digits_manifest))
