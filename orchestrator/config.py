@@ -68,6 +68,11 @@ class TrainConfig(_Section):
     shuffle_buffer: int = Field(1024, ge=0, description="rows in the seeded local shuffle buffer (0 = no shuffling)")
     log_every_steps: int = Field(10, ge=1, description="log training losses every N optimizer steps")
     max_failures: int = Field(0, ge=-1, description="worker failures to recover from (restarts at the last finished task)")
+    launch: Literal["auto", "in_process", "ray"] = Field(
+        "auto", description="where training runs: in_process (this process, through Ray Train's local mode: no Ray "
+                            "start, no worker actors) or ray (Ray Train worker actors); auto: in_process for one "
+                            "worker whose tasks are all kept decoded, when no cluster is named ($RAY_ADDRESS) and the "
+                            "run is not itself inside Ray (sweep and study trials), else ray. Same results either way")
 
 
 class DataConfig(_Section):
@@ -146,6 +151,9 @@ class RunConfig(_Section):
         if self.train.batch_size % self.train.num_workers:
             raise ValueError(f"train.batch_size: {self.train.batch_size} is not divisible by train.num_workers "
                              f"({self.train.num_workers}); every worker takes an equal share of each batch")
+        if self.train.launch == "in_process" and self.train.num_workers != 1:
+            raise ValueError(f"train.launch: in_process trains in this one process; train.num_workers is "
+                             f"{self.train.num_workers}: set train.launch=ray (or auto) for data-parallel workers")
         if get_method(self.method.name).needs_reference_data and not self.data.reference:
             raise ValueError(f"data.reference: method {self.method.name!r} distils on reference image-text pairs; give "
                              f"a stream manifest that is not the training stream (its train splits are used)")

@@ -41,7 +41,9 @@ class TaskEvaluated:
 
 
 class ProgressSink:
-    """A mailbox between rank 0 and the driver's console (a Ray actor: `start_progress_sink`)."""
+    """A mailbox between rank 0 and the driver's console: a Ray actor (`start_progress_sink`) when
+    training runs on Ray Train workers, the object itself when it runs in the driver's process
+    (`drain` swaps the list whole, so a record put meanwhile lands in the list returned or the next)."""
 
     def __init__(self):
         self.records: list = []
@@ -54,14 +56,19 @@ class ProgressSink:
         return records
 
 
-def start_progress_sink():
+def start_progress_sink(in_process: bool = False):
+    if in_process:
+        return ProgressSink()
     import ray
 
     return ray.remote(num_cpus=0)(ProgressSink).remote()
 
 
 def sink_drain(sink):
-    """A Console's `drain` for a ProgressSink actor."""
+    """A Console's `drain` for a ProgressSink (actor or in-process)."""
+    if isinstance(sink, ProgressSink):
+        return sink.drain
+
     def drain() -> list:
         import ray
 
@@ -70,6 +77,11 @@ def sink_drain(sink):
         except Exception:  # the sink is gone with a failed run: nothing more to draw
             return []
     return drain
+
+
+def sink_put(sink):
+    """Rank 0's `put` for a ProgressSink: fire and forget to the actor, a plain call in-process."""
+    return sink.put if isinstance(sink, ProgressSink) else sink.put.remote
 
 
 @contextlib.contextmanager
@@ -199,6 +211,7 @@ class ProgressReporter:
 
     def __init__(self, sink, min_interval_s: float = 0.5):
         self.sink, self.min_interval_s = sink, min_interval_s
+        self._put = sink_put(sink) if sink is not None else None
         self._sent_at = 0.0
         self._task_started = time.time()
 
@@ -210,10 +223,10 @@ class ProgressReporter:
         if self.sink is None or (now - self._sent_at < self.min_interval_s and step < steps):
             return
         elapsed = max(now - self._task_started, 1e-9)
-        self.sink.put.remote(StepProgress(task_index, task, step, steps, loss, step * batch_size / elapsed,
+        self._put(StepProgress(task_index, task, step, steps, loss, step * batch_size / elapsed,
                                           elapsed / step * (steps - step)))
         self._sent_at = now
 
     def evaluated(self, task_index: int, task: str, row, control_row, train_seconds: float = 0.0) -> None:
         if self.sink is not None:
-            self.sink.put.remote(TaskEvaluated(task_index, task, tuple(row), tuple(control_row), train_seconds))
+            self._put(TaskEvaluated(task_index, task, tuple(row), tuple(control_row), train_seconds))

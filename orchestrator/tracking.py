@@ -189,23 +189,25 @@ class Tracker:
 
     def log_matrix(self, task_names: list[str], rows: list[list[float]], control_names: list[str] = (),
                    control_rows: list[list[float]] = ()) -> None:
-        """matrix.json (+ control sets' rows), the same as a table, and the heatmap."""
-        payload = {"tasks": task_names, "metric": "score", "rows": rows,
-                   "row_labels": ["zero-shot"] + [f"after {name}" for name in task_names[:len(rows) - 1]]}
-        if control_names:
-            payload["control_tasks"], payload["control_rows"] = list(control_names), control_rows
-        self.log_dict(payload, "matrix.json")
+        """matrix.json (+ control sets' rows) and the heatmap, replaced after every evaluation."""
+        self.log_dict(matrix_payload(task_names, rows, control_names, control_rows), "matrix.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "matrix.png"
+            plot_matrix(task_names, rows, path, control_names, control_rows)
+            self.log_artifact(str(path))
+
+    def log_matrix_table(self, task_names: list[str], rows: list[list[float]], control_names: list[str] = (),
+                         control_rows: list[list[float]] = ()) -> None:
+        """The finished matrix as an MLflow table (matrix_table.json), once at the end of the run:
+        MLflow appends to a table logged again, so a per-task table would repeat its rows."""
         import pandas as pd
 
+        payload = matrix_payload(task_names, rows, control_names, control_rows)
         table = pd.DataFrame(rows, columns=task_names)
         for column, name in enumerate(control_names):
             table[f"control: {name}"] = [r[column] for r in control_rows]
         table.insert(0, "after", payload["row_labels"])
         self.client.log_table(self.run_id, table, "matrix_table.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "matrix.png"
-            plot_matrix(task_names, rows, path, control_names, control_rows)
-            self.log_artifact(str(path))
 
     def log_checkpoint(self, directory: str, task_index: int) -> None:
         self.client.log_artifacts(self.run_id, directory, f"checkpoints/task_{task_index}")
@@ -279,6 +281,14 @@ class SweepTracker(Tracker):
 
     def log_table(self, frame, path: str) -> None:
         self.client.log_table(self.run_id, frame, path)
+
+
+def matrix_payload(task_names: list[str], rows: list[list[float]], control_names=(), control_rows=()) -> dict:
+    payload = {"tasks": list(task_names), "metric": "score", "rows": rows,
+               "row_labels": ["zero-shot"] + [f"after {name}" for name in task_names[:len(rows) - 1]]}
+    if control_names:
+        payload["control_tasks"], payload["control_rows"] = list(control_names), control_rows
+    return payload
 
 
 def plot_matrix(task_names: list[str], rows: list[list[float]], path: Path, control_names: list[str] = (),

@@ -63,10 +63,6 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     directory instead of from scratch (a PBT exploit), in a new MLflow run. `shared`: a sweep's
     SharedValues actor (the zero-shot row is computed by the first trial that needs it).
     `quiet`: no console (tests, sweep trials)."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from methods.models import build_model
     from orchestrator.console import Console, library_logs_to, sink_drain, start_progress_sink
     from orchestrator.plan import build_plan
@@ -78,6 +74,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     check_reachable(uri)  # before any data or Ray work
     image_size = build_model(config.model.name, config.model.pretrained).image_size  # a bad model fails here
     plan = build_plan(config, image_size)
+    launch = resolve_launch(plan, for_sweep=bool(ray_callbacks or shared))
     output = Path(config.output_dir)
     run_name = default_run_name(config, plan.stream_name) + run_name_suffix
     state = find_resumable(output, run_name) if resume else None
@@ -86,7 +83,8 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     ray_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
     log_file = output / ray_name / "vlcl.log"
     with library_logs_to(log_file, verbose) as log_handler:
-        ensure_ray(verbose=verbose)
+        if launch == "ray":
+            ensure_ray(verbose=verbose)
         if state:
             tracker = Tracker(uri, state["run_id"], state["experiment_id"])
             tracker.set_running()
@@ -95,32 +93,27 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
             tracker = Tracker.start_sequence(replace(plan, tracking_uri=uri), parent_run_id=parent_run_id,
                                              run_name_suffix=run_name_suffix, extra_tags=extra_tags)
         try:  # the MLflow run exists from here on: any failure marks it FAILED
-            sink = None if quiet else start_progress_sink()
-            plan = replace(plan, tracking_uri=uri, run_id=tracker.run_id, resume_from=resume_from,
-                           use_gpu=cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu),
-                           fault=FaultInjection.from_env(), progress_sink=sink, started_at=started, shared=shared)
+            tracker.set_tag("vlcl.launch", launch)
+            sink = None if quiet else start_progress_sink(in_process=launch == "in_process")
+            if config.train.use_gpu != "auto":
+                use_gpu = bool(config.train.use_gpu)
+            else:
+                use_gpu = cluster_has_gpus() if launch == "ray" else torch.cuda.is_available()
+            plan = replace(plan, tracking_uri=uri, run_id=tracker.run_id, resume_from=resume_from, use_gpu=use_gpu,
+                           fault=FaultInjection.from_env(), progress_sink=sink, started_at=started, shared=shared,
+                           launch=launch, checkpoint_root=str(output / ray_name) if launch == "in_process" else None)
             run_state = {"run_name": run_name, "run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
                          "ray_name": ray_name, "previous": state["ray_name"] if state else None, "finished": False}
             write_state(output / "runs" / f"{ray_name}.json", run_state)
-            datasets, skip_counter = streamed_datasets(plan)
-            trainer = TorchTrainer(
-                train_sequence,
-                train_loop_config={"plan": plan, "skip_counter": skip_counter},
-                scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=plan.use_gpu,
-                                                       resources_per_worker={"CPU": config.train.cpus_per_worker}),
-                run_config=ray.train.RunConfig(name=ray_name, storage_path=str(output),
-                                               failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-                                               callbacks=ray_callbacks or None),
-                datasets=datasets or None,
-            )
             console = None
             if sink is not None:
                 console = Console(sink_drain(sink), len(plan.tasks))
                 console.header(run_header(plan, tracker, resume_from, log_file))
             with console or contextlib.nullcontext():
-                result = trainer.fit()
-            if result.error:
-                raise result.error
+                if launch == "in_process":
+                    result = fit_in_process(plan)
+                else:
+                    result = fit_on_ray(plan, ray_name, ray_callbacks)
         except BaseException:
             tracker.finish("FAILED")
             raise
@@ -132,6 +125,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
         summary = {k: v for k, v in (summarize(progress.matrix) | summarize_control(progress.control)).items()
                    if not math.isnan(v)}
         write_state(output / "runs" / f"{ray_name}.json", {**run_state, "finished": True})
+        tracker.log_matrix_table(plan.task_names, progress.matrix, plan.control_names, progress.control)
         log_handler.flush()
         tracker.log_artifact(str(log_file))
         tracker.finish("FINISHED")
@@ -144,6 +138,82 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
                           log_file=str(log_file))
 
 
+def resolve_launch(plan: RunPlan, for_sweep: bool = False) -> str:
+    """train.launch made concrete: "in_process" or "ray" (see the field's description).
+
+    In-process training is Ray Train's local mode: the same `train_sequence` in the driver's own
+    process, so a laptop run pays neither Ray's start nor a worker actor's (imports, model, data),
+    about 20 s of a small run. It needs the data in the process (no Ray Data) and one worker; a
+    named cluster, or a run that is itself a Ray actor (a sweep's or a study's trial), trains on
+    Ray Train workers, which the trial's reservation holds."""
+    import os
+
+    config = plan.config
+    streamed = [t.name for t in plan.streamed_tasks]
+    if config.train.launch == "in_process":
+        if streamed:
+            raise ConfigError(f"train.launch: in_process keeps every task decoded in this process, but "
+                              f"{streamed} stream through Ray Data (data.cache={config.data.cache!r}, tasks over the "
+                              "cache limit): set train.launch=ray, or data.cache=always if they fit in memory")
+        if for_sweep:
+            raise ConfigError("train.launch: in_process is for single runs; a sweep's trials train on Ray Train "
+                              "workers: set train.launch=auto or ray")
+        return "in_process"
+    if config.train.launch == "ray":
+        return "ray"
+    inside_ray = False
+    if not for_sweep:
+        import ray
+
+        inside_ray = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    local = (config.train.num_workers == 1 and not streamed and not os.environ.get("RAY_ADDRESS")
+             and not for_sweep and not inside_ray)
+    return "in_process" if local else "ray"
+
+
+def fit_in_process(plan: RunPlan):
+    """`train_sequence` in this process (Ray Train's local mode), restarting from the last task
+    checkpoint after a failure as Ray Train's FailureConfig does on workers (train.max_failures)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    failures = 0
+    while True:
+        trainer = TorchTrainer(train_sequence, train_loop_config={"plan": plan, "skip_counter": None},
+                               scaling_config=ray.train.ScalingConfig(num_workers=0))
+        try:
+            return trainer.fit()
+        except Exception:
+            limit = plan.config.train.max_failures
+            if limit != -1 and failures >= limit:
+                raise
+            failures += 1
+            plan = replace(plan, resume_from=latest_checkpoint(Path(plan.checkpoint_root)) or plan.resume_from)
+
+
+def fit_on_ray(plan: RunPlan, ray_name: str, ray_callbacks: list | None):
+    """`train_sequence` on `train.num_workers` Ray Train worker actors."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    config = plan.config
+    datasets, skip_counter = streamed_datasets(plan)
+    trainer = TorchTrainer(
+        train_sequence,
+        train_loop_config={"plan": plan, "skip_counter": skip_counter},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=plan.use_gpu,
+                                               resources_per_worker={"CPU": config.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=ray_name, storage_path=config.output_dir,
+                                       failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+                                       callbacks=ray_callbacks or None),
+        datasets=datasets or None,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
 def run_header(plan: RunPlan, tracker, resume_from: str | None, log_file: Path) -> list[tuple[str, str]]:
     config = plan.config
     start = config.model.pretrained or "from scratch"
@@ -152,7 +222,8 @@ def run_header(plan: RunPlan, tracker, resume_from: str | None, log_file: Path) 
                         + (f" + {len(plan.control)} control sets" if plan.control else "")),
              ("model", f"{config.model.name} ({start})"),
              ("method", f"{config.method.name}  lr {config.train.lr:g}  batch {config.train.batch_size}  "
-                        f"seed {config.train.seed}  workers {config.train.num_workers}"
+                        f"seed {config.train.seed}  workers {config.train.num_workers} "
+                        + ("(in this process)" if plan.launch == "in_process" else "(Ray Train)")
                         + ("  gpu" if plan.use_gpu else "")),
              ("mlflow", f"{plan.tracking_uri}  experiment {tracker.experiment_id}"),
              ("log", f"{log_file} (Ray, MLflow and library logs; --verbose shows them)")]
@@ -426,7 +497,7 @@ def report_task(plan: RunPlan, progress: Progress, model, method, optimizer, ran
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    with tempfile.TemporaryDirectory() as directory:
+    with checkpoint_directory(plan, progress.tasks_done) as directory:
         torch.save(model.state_dict(), Path(directory) / "model.pt")
         torch.save(method.state_dict(), Path(directory) / "method.pt")
         if not config.train.reset_optimizer_each_task:
@@ -439,6 +510,20 @@ def report_task(plan: RunPlan, progress: Progress, model, method, optimizer, ran
         if tracker and (keep == "all" or (keep == "last" and progress.tasks_done == len(plan.tasks))):
             tracker.log_checkpoint(directory, progress.tasks_done)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+@contextlib.contextmanager
+def checkpoint_directory(plan: RunPlan, tasks_done: int):
+    """Where rank 0 writes a task checkpoint. On Ray Train workers, a temporary folder that
+    `ray.train.report` copies to the run's storage; in-process, nobody copies it, so the run folder
+    itself (the layout `latest_checkpoint` reads either way)."""
+    if plan.checkpoint_root is None:
+        with tempfile.TemporaryDirectory() as directory:
+            yield directory
+        return
+    directory = Path(plan.checkpoint_root) / f"checkpoint_task_{tasks_done:03d}"
+    directory.mkdir(parents=True, exist_ok=True)
+    yield str(directory)
 
 
 def restore_checkpoint(directory: Path, model, method) -> tuple[Progress, dict | None]:

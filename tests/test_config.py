@@ -182,3 +182,29 @@ def test_a_run_that_loses_the_race_for_the_streams_dataset_row_logs_its_input_on
     tracker.client.log_inputs = lambda run_id, datasets: (_ for _ in ()).throw(MlflowException("store down"))
     with pytest.raises(MlflowException, match="store down"):
         tracker.log_stream_input(stream, str(digits_manifest))
+
+
+def test_one_worker_on_a_laptop_trains_in_process_and_everything_else_on_ray(digits_manifest, monkeypatch):
+    from orchestrator.plan import build_plan
+    from orchestrator.trainer import resolve_launch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def launch(*overrides, for_sweep=False):
+        return resolve_launch(build_plan(load_run_config(None, [f"stream={digits_manifest}", *overrides]), 32),
+                              for_sweep=for_sweep)
+
+    assert launch() == "in_process"
+    assert launch("train.num_workers=2") == "ray"  # data-parallel workers are Ray Train actors
+    assert launch("data.cache=never") == "ray"  # streamed training splits come from Ray Data
+    assert launch(for_sweep=True) == "ray"  # a trial's reservation holds its workers
+    assert launch("train.launch=ray") == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a named cluster trains on its nodes
+    assert launch() == "ray" and launch("train.launch=in_process") == "in_process"
+    with pytest.raises(ConfigError, match=r"train.launch: in_process .* stream through Ray Data .*data.cache"):
+        launch("train.launch=in_process", "data.cache=never")
+    with pytest.raises(ConfigError, match=r"train.launch: in_process is for single runs"):
+        launch("train.launch=in_process", for_sweep=True)
+    with pytest.raises(ConfigError, match=r"train.launch: in_process trains in this one process; "
+                                          r"train.num_workers is 2"):
+        load_run_config(None, ["train.launch=in_process", "train.num_workers=2"])

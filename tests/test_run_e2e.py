@@ -82,13 +82,21 @@ def test_crash_then_resume_equals_uninterrupted_run(ray_session, tmp_path, three
     assert reference.summary["cl/control_retention"] == pytest.approx(end / start)
 
 
-def test_worker_failure_recovers_from_last_task_checkpoint(ray_session, tmp_path, three_task_manifest, monkeypatch):
+@pytest.mark.parametrize("launch", ["in_process", "ray"])
+def test_worker_failure_recovers_from_last_task_checkpoint(ray_session, tmp_path, three_task_manifest, monkeypatch,
+                                                           launch):
+    from mlflow.tracking import MlflowClient
+
     monkeypatch.setenv("VLCL_FAULT_AFTER_TASK", "2")
     monkeypatch.setenv("VLCL_FAULT_MARKER", str(tmp_path / "fault-fired"))
-    result = run_sequence(_config(tmp_path, three_task_manifest, "train.max_steps_per_task=5", "train.max_failures=1"),
-                          quiet=True)
+    result = run_sequence(_config(tmp_path, three_task_manifest, "train.max_steps_per_task=5", "train.max_failures=1",
+                                  f"train.launch={launch}"), quiet=True)
     assert (tmp_path / "fault-fired").exists()  # the fault really happened, and the run still finished
     assert len(result.matrix) == 4
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.run_id)
+    assert run.data.tags["vlcl.launch"] == launch and run.info.status == "FINISHED"
+    # the restart went on from task 2's checkpoint: task 3 trained once, tasks 1 and 2 were not redone
+    assert [s["task"] for s in result.task_settings] == result.tasks
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +115,10 @@ def test_decode_location_data_path_and_worker_count_leave_the_scores_unchanged(r
     on_device = run_sequence(_config(tmp_path / "b", two_task_manifest, *steps, "data.decode=device"), quiet=True)
     assert on_device.matrix == on_host.matrix
     assert len(on_device.matrix) == 3 and on_device.matrix[1] != on_device.matrix[0]  # it trained
+    # One worker trains in this process (train.launch=auto: Ray Train's local mode); on a Ray Train
+    # worker actor it is the same run, to the last digit.
+    on_ray = run_sequence(_config(tmp_path / "r", two_task_manifest, *steps, "train.launch=ray"), quiet=True)
+    assert on_ray.matrix == on_host.matrix
     # data.cache=never: the training splits stream from their shards through Ray Data (the path of
     # tasks too large to keep decoded), on the one CPU the training worker leaves here. Other batches
     # (Ray Data's seeded local shuffle), the same start.
