@@ -22,8 +22,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.config import ConfigError, PretrainConfig, RunConfig, TrackingConfig, pretrain_config
+
+if TYPE_CHECKING:  # annotations only: `vlcl --help` does not import torch
+    import torch
 
 FEATURE_BATCH = 256
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp on the learned temperature
