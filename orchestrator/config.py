@@ -321,6 +321,26 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] 
     return _validate(data, source)
 
 
+def load_base_config(base: str | dict, *, source: str, relative_to: Path | None,
+                     error: type[ConfigError] = ConfigError) -> RunConfig:
+    """The `base:` run config of a sweep or study file: a YAML path (relative to `relative_to`, the
+    file's folder) or a mapping. Every problem is an `error` naming `source` and `base`."""
+    if isinstance(base, str):
+        path = Path(base)
+        if not path.is_absolute() and relative_to is not None:
+            path = relative_to / path
+        if not path.is_file():
+            raise error(f"{source}: base: run config {path} does not exist")
+        try:
+            return load_run_config(path)
+        except ConfigError as err:
+            raise error(f"{source}: base: {err}") from None
+    try:
+        return _validate(dict(base), f"{source}: base")
+    except ConfigError as err:
+        raise error(str(err).replace("\n  ", "\n  base.")) from None
+
+
 def as_data(config: RunConfig) -> dict:
     """The config as plain data that validates back to it. Method hyperparameters keep only the
     fields that were set, so that a new `method.name` does not inherit the old method's fields."""

@@ -87,7 +87,7 @@ def load_study(path: str | os.PathLike) -> StudyPlan:
 def plan_study(raw: dict, *, source: str = "study config", relative_to: Path | None = None,
                default_name: str = "study") -> StudyPlan:
     """Every run of the study as a validated RunConfig; fails before Ray starts, naming the field."""
-    from orchestrator.config import load_run_config
+    from orchestrator.config import load_base_config
     from orchestrator.plan import ordered_tasks
     from streams.builtin import open_stream
 
@@ -97,13 +97,7 @@ def plan_study(raw: dict, *, source: str = "study config", relative_to: Path | N
         problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
                              for e in err.errors())
         raise StudyConfigError(f"invalid study config ({source}):\n{problems}") from None
-    if isinstance(settings.base, str):
-        base_path = Path(settings.base)
-        if not base_path.is_absolute() and relative_to is not None:
-            base_path = relative_to / base_path
-        base = load_run_config(base_path)
-    else:
-        base = _from_mapping(settings.base, source)
+    base = load_base_config(settings.base, source=source, relative_to=relative_to, error=StudyConfigError)
     _, stream = open_stream(base.stream, base.data.root)
     manifest_order = [t.name for t in stream.tasks]
     name = settings.name or default_name
@@ -129,12 +123,6 @@ def plan_study(raw: dict, *, source: str = "study config", relative_to: Path | N
                                            f"{err}") from None
                 runs.append(StudyRun(method, order_name, seed, config))
     return StudyPlan(name=name, stream_name=stream.name, runs=runs, settings=settings)
-
-
-def _from_mapping(mapping: dict, source: str) -> RunConfig:
-    from orchestrator.config import _validate
-
-    return _validate(dict(mapping), f"{source}: base")
 
 
 def study_trial(trial_params: dict, *, runs: list[dict]) -> None:

@@ -198,25 +198,13 @@ def plan_sweep(raw: dict, *, source: str = "sweep config", relative_to: Path | N
 
 
 def _load_base(config: SweepConfig, source: str, relative_to: Path | None) -> RunConfig:
-    from orchestrator.config import load_run_config
+    from orchestrator.config import load_base_config
 
+    base = load_base_config(config.base, source=source, relative_to=relative_to, error=SweepConfigError)
     try:
-        if isinstance(config.base, str):
-            base_path = Path(config.base)
-            if not base_path.is_absolute() and relative_to is not None:
-                base_path = relative_to / base_path
-            if not base_path.is_file():
-                raise SweepConfigError(f"{source}: base: run config {base_path} does not exist")
-            base = load_run_config(base_path)
-        else:
-            base = RunConfig(**config.base)
         return with_overrides(base, config.resources.train_overrides())
-    except ValidationError as err:
-        raise SweepConfigError(_format_validation(err, source, prefix="base.")) from None
-    except (ConfigError, KeyError, ValueError) as err:
-        if isinstance(err, SweepConfigError):
-            raise
-        raise SweepConfigError(f"{source}: base: {err}") from None
+    except ConfigError as err:
+        raise SweepConfigError(f"{source}: resources: {err}") from None
 
 
 def default_space(method: str) -> dict[str, Any]:

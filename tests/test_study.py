@@ -1,4 +1,6 @@
 """Studies: the (method, order, seed) grid is laid out and validated before Ray starts."""
+from pathlib import Path
+
 import pytest
 
 from orchestrator.study import StudyConfigError, plan_study
@@ -30,6 +32,11 @@ def test_bad_axes_are_named_before_any_work(digits_manifest):
         plan_study({"base": base, "methods": []})
     with pytest.raises(StudyConfigError, match="data.reference"):  # zscl needs reference data: said per run
         plan_study({"base": base, "methods": ["zscl"]})
+    # the base run config, as a sweep's: a missing file and a bad field are named under `base`
+    with pytest.raises(StudyConfigError, match=r"study.yaml: base: run config .*missing.yaml does not exist"):
+        plan_study({"base": "missing.yaml", "methods": ["finetune"]}, source="study.yaml", relative_to=Path("/tmp"))
+    with pytest.raises(StudyConfigError, match=r"base.train.lr"):
+        plan_study({"base": {**base, "train": {"lr": -1}}, "methods": ["finetune"]})
 
 
 @pytest.mark.ray
