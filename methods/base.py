@@ -31,12 +31,26 @@ augmentation), as the ZSCL harness's LwF reference stream.
 What a method needs from the loop is declared on its class, never sniffed (defaults False):
 `needs_reference_data` (call `set_reference_data` before the first task), `trains_logit_scale`
 (`trainable_parameters()` includes `logit_scale`; the method clamps it), `needs_independent_batch`.
+
+Some methods compute tensors from the frozen starting model and fixed inputs alone (ZSCL's teacher
+features of its reference texts, MulKI's pretrained teacher's class-prompt features): every run
+that starts from the same model with the same inputs computes the same ones. A class that sets
+`has_initial_model_features` lets a loop running many such runs (a sweep) compute them once:
+
+    features = method.initial_model_features(tasks)   # {name: CPU tensor}, after set_reference_data
+    other_method.use_initial_model_features(features) # another run: same starting model and inputs
+    # torch.save(features, path) / torch.load(path, weights_only=True) carries them between processes
+
+The imported tensors replace the method's own computation, so its losses are bit-identical to a run
+that computed them (for the same model, inputs, device and precision). Each feature travels with the
+token ids it was computed from, and a method refuses one whose tokens differ from its own inputs; the
+starting model's identity and `initial_model_feature_hparams` are the caller's to match.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +66,13 @@ BatchSource = Callable[[], Iterator[Batch]]
 
 class HparamError(ValueError):
     """Hyperparameters that do not validate; the message names the method and each bad field."""
+
+
+class InitialModelFeaturesError(ValueError):
+    """Imported initial-model features that do not fit this method or this run's inputs."""
+
+
+TOKENS_SUFFIX = ".tokens"  # initial_model_features: "<name>.tokens" holds the token ids "<name>" was computed from
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,10 @@ class ContinualMethod:
     needs_independent_batch: ClassVar[bool] = False
     # hyperparameters that shape state built once (memories, queues, seeds): set_hparams refuses to change them
     fixed_hparams: ClassVar[tuple[str, ...]] = ()
+    # computes tensors from the frozen starting model and fixed inputs alone (see the module docstring) ...
+    has_initial_model_features: ClassVar[bool] = False
+    # ... and these hyperparameters change them (runs that differ in them cannot share the tensors)
+    initial_model_feature_hparams: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, tokenizer, hparams: MethodHparams | dict | None = None, **overrides: Any):
         self.model = model
@@ -98,6 +123,7 @@ class ContinualMethod:
         self.hparams = self.validate_hparams({**(dict(hparams) if hparams else {}), **overrides})
         self.task: TaskInfo | None = None
         self._class_prompt_tokens: torch.Tensor | None = None
+        self._imported_initial_features: dict[str, torch.Tensor] = {}
 
     # ---- hyperparameters -------------------------------------------------------------------
     @classmethod
@@ -132,11 +158,7 @@ class ContinualMethod:
     # ---- hooks -----------------------------------------------------------------------------
     def before_task(self, task: TaskInfo) -> None:
         self.task = task
-        self._class_prompt_tokens = None
-        if task.kind == "classification" and task.class_names:
-            template = task.templates[0] if task.templates else "{}"
-            prompts = [fill_template(template, c) for c in task.class_names]
-            self._class_prompt_tokens = self.tokenizer(prompts)
+        self._class_prompt_tokens = self.class_prompt_tokens(task)
 
     def training_loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         loss = self.task_loss(batch)
@@ -164,7 +186,49 @@ class ContinualMethod:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    # ---- tensors of the frozen starting model, computed once for many runs -----------------------
+    def initial_model_features(self, tasks: Sequence[TaskInfo]) -> dict[str, torch.Tensor]:
+        """The tensors this method computes from the frozen starting model and fixed inputs alone over
+        the task sequence `tasks`, by name, on the CPU, each with its input tokens under
+        "<name>.tokens". Call after `set_reference_data`, with the model at its starting weights or
+        the method's state restored (a method keeps its own frozen copy of the starting model). Empty
+        for a method, or settings, with none."""
+        return {}
+
+    def use_initial_model_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Use `features` (from `initial_model_features` of a run with the same starting model and
+        inputs) instead of computing them. Call before the first task, or after `load_state_dict`."""
+        if features and not self.has_initial_model_features:
+            raise InitialModelFeaturesError(f"{self.name}: computes nothing from the starting model alone "
+                                            f"(has_initial_model_features is False); got {sorted(features)}")
+        unpaired = [n for n in features if not n.endswith(TOKENS_SUFFIX) and n + TOKENS_SUFFIX not in features]
+        if unpaired:
+            raise InitialModelFeaturesError(f"{self.name}: initial-model features {unpaired} come without the token ids "
+                                            f"they were computed from ('<name>{TOKENS_SUFFIX}'); pass what "
+                                            f"initial_model_features returned, unchanged")
+        self._imported_initial_features = dict(features)
+
+    def initial_model_feature(self, name: str, tokens: torch.Tensor,
+                              compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The starting model's features of `tokens`: imported under `name`, or `compute()` when none was."""
+        imported = self._imported_initial_features.get(name)
+        if imported is None:
+            return compute()
+        if not torch.equal(self._imported_initial_features[name + TOKENS_SUFFIX], tokens.cpu()):
+            raise InitialModelFeaturesError(
+                f"{self.name}: the imported initial-model feature {name!r} was computed from other token ids than "
+                f"this run's ({tuple(self._imported_initial_features[name + TOKENS_SUFFIX].shape)} vs "
+                f"{tuple(tokens.shape)}); export the features from a run with the same inputs")
+        return imported.to(self.device)
+
     # ---- shared pieces ---------------------------------------------------------------------
+    def class_prompt_tokens(self, task: TaskInfo) -> torch.Tensor | None:
+        """Token ids of the task's class prompts (its first template), None for a task without classes."""
+        if task.kind != "classification" or not task.class_names:
+            return None
+        template = task.templates[0] if task.templates else "{}"
+        return self.tokenizer([fill_template(template, c) for c in task.class_names])
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

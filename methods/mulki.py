@@ -30,17 +30,23 @@ own class — text prototypes are the batch's caption features (per model), imag
 batch's image features (detached; no EMA), labels = the pair's index. Stage 1 then is CLIP's
 contrastive loss plus an image-prototype→text contrast, and the relations are in-batch relations.
 
+The pretrained teacher's class-prompt features depend on nothing but that model and each task's
+prompts: `initial_model_features` exports them (as "class_prompts.<task name>") for other runs from
+the same model to import (methods/base.py).
+
 Needs nothing from the loop beyond the four hooks. DDP: image features and prototype statistics are
 gathered, so prototypes, averages and teachers are identical on every rank; per-sample terms are
 means over local rows (averaging across workers gives the global value).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from methods.base import Batch, ContinualMethod, MethodHparams, TaskInfo, frozen_copy
+from methods.base import TOKENS_SUFFIX, Batch, ContinualMethod, MethodHparams, TaskInfo, frozen_copy
 from methods.distributed import gather_no_grad, gather_with_grad, rank
 from methods.losses import kl_rows
 from methods.method_state import load_task_state, load_teacher, task_state, teacher_state
@@ -81,6 +87,7 @@ class MulKI(ContinualMethod):
     name = "mulki"
     summary = "Two-teacher (pretrained + previous) prototype-relation distillation with adaptive weights and weight connections."
     Hparams = MulKIHparams
+    has_initial_model_features = True   # the pretrained teacher's class-prompt features of every task
 
     def __init__(self, model, tokenizer, hparams=None, **overrides):
         super().__init__(model, tokenizer, hparams, **overrides)
@@ -111,6 +118,27 @@ class MulKI(ContinualMethod):
         if self.hparams.use_stage_4:
             self.averager.start(self.model)
 
+    # ---- the pretrained teacher's class-prompt features ----------------------------------------
+    def initial_model_features(self, tasks: Sequence[TaskInfo]) -> dict[str, torch.Tensor]:
+        """{"class_prompts.<task>": the pretrained teacher's features of the task's class prompts, ...tokens}
+        for every classification task of `tasks`."""
+        initial = self.initial if self.initial is not None else frozen_copy(self.model)
+        features = {}
+        for task in tasks:
+            tokens = self.class_prompt_tokens(task)
+            if tokens is not None:
+                with torch.no_grad():
+                    encoded = initial.encode_text(tokens.to(self.device), normalize=True)
+                name = f"class_prompts.{task.name}"
+                features |= {name: encoded.cpu(), name + TOKENS_SUFFIX: tokens.cpu()}
+        return features
+
+    def _teacher_class_prompts(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            initial = self.initial_model_feature(f"class_prompts.{self.task.name}", tokens,
+                                                 lambda: self.initial.encode_text(tokens, normalize=True))
+            return {"initial": initial, "previous": self.previous.encode_text(tokens, normalize=True)}
+
     # ---- prototypes --------------------------------------------------------------------------
     def _class_mode(self) -> bool:
         return self.resolved_task_loss() == "class_prompts"
@@ -121,8 +149,7 @@ class MulKI(ContinualMethod):
             tokens = self._class_prompt_tokens.to(self.device)
             student = self.model.encode_text(tokens, normalize=True)
             if not self._teacher_text:
-                with torch.no_grad():
-                    self._teacher_text = {k: m.encode_text(tokens, normalize=True) for k, m in self.teachers().items()}
+                self._teacher_text = self._teacher_class_prompts(tokens)
             return student, self._teacher_text
         student = gather_with_grad(self.model.encode_text(batch["text"], normalize=True))
         with torch.no_grad():

@@ -14,7 +14,9 @@ tower is distilled; `student_text_in_distill=True` gives the paper's form Z = s 
 student's own text features of the reference texts (costly: a text F+B over all of them per step).
 
 Reference data is injected with `set_reference_data(images, texts)` before the first task; the
-teacher's reference-text features are computed once per task and cached.
+teacher's reference-text features are computed once per task and cached. With the initial model as
+teacher they depend on nothing but that model and the texts: `initial_model_features` exports them
+(as "reference_text") for other runs from the same model to import (methods/base.py).
 
 DDP: the reference image features (student with grad, teacher without) are all-gathered, so both
 distillation directions see the global reference batch (the text direction is a softmax over the
@@ -24,12 +26,12 @@ every replica.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from pydantic import Field
 
-from methods.base import Batch, ContinualMethod, MethodHparams, TaskInfo, frozen_copy
+from methods.base import TOKENS_SUFFIX, Batch, ContinualMethod, MethodHparams, TaskInfo, frozen_copy
 from methods.distributed import gather_no_grad, gather_with_grad
 from methods.losses import soft_cross_entropy
 from methods.method_state import load_task_state, load_teacher, task_state, teacher_state, tensors_to
@@ -92,6 +94,8 @@ class ZSCL(ContinualMethod):
     Hparams = ZSCLHparams
     needs_reference_data = True
     fixed_hparams = ("teacher",)   # the initial model cannot be recovered once training moved on
+    has_initial_model_features = True   # with teacher=initial: its features of the reference texts
+    initial_model_feature_hparams = ("teacher", "text_encode_chunk")
 
     def __init__(self, model, tokenizer, hparams=None, **overrides):
         super().__init__(model, tokenizer, hparams, **overrides)
@@ -174,6 +178,26 @@ class ZSCL(ContinualMethod):
                 f"(paper: ImageNet images + CC3M captions); call method.set_reference_data(images, texts) before "
                 f"the first task (and again after load_state_dict).")
 
+    # ---- the initial model's features of the reference texts ----------------------------------
+    def initial_model_features(self, tasks: Sequence[TaskInfo]) -> dict[str, torch.Tensor]:
+        """{"reference_text": the initial teacher's features of every reference text, ...tokens}; empty
+        with teacher=previous (its teacher changes every task)."""
+        self._require_reference_data()
+        if self.hparams.teacher != "initial":
+            return {}
+        teacher = self.teacher if self.teacher is not None else frozen_copy(self.model)
+        features = self._encode_reference_texts(teacher)
+        return {"reference_text": features.cpu(), "reference_text" + TOKENS_SUFFIX: self.reference_texts.cpu()}
+
+    def _encode_reference_texts(self, teacher) -> torch.Tensor:
+        return encode_texts(teacher, self.reference_texts, self.device, self.hparams.text_encode_chunk)
+
+    def _teacher_reference_text(self) -> torch.Tensor:
+        if self.hparams.teacher == "previous":
+            return self._encode_reference_texts(self.teacher)
+        return self.initial_model_feature("reference_text", self.reference_texts,
+                                          lambda: self._encode_reference_texts(self.teacher))
+
     # ---- hooks -----------------------------------------------------------------------------
     def before_task(self, task: TaskInfo) -> None:
         super().before_task(task)
@@ -190,7 +214,7 @@ class ZSCL(ContinualMethod):
         hp = self.hparams
         task = self.task_loss(batch)
         if self._teacher_text is None:
-            self._teacher_text = encode_texts(self.teacher, self.reference_texts, self.device, hp.text_encode_chunk)
+            self._teacher_text = self._teacher_reference_text()
         reference_images = self._next_reference_images()
         with torch.no_grad():
             teacher_image = gather_no_grad(self.teacher.encode_image(reference_images, normalize=True))

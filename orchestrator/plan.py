@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from methods import get_method
 from orchestrator.config import ConfigError, RunConfig, TaskSettings
 
 CACHE_LIMIT_BYTES = 512 * 2**20  # data.cache=auto keeps a split decoded in memory below this size
@@ -79,7 +80,7 @@ class RunPlan:
     fault: FaultInjection | None = None
     progress_sink: object = None  # a Ray actor handle the console reads; None: no live progress
     started_at: float = 0.0  # driver's time.time() when the run was asked for (first-step latency)
-    shared: object = None  # a sweep's SharedValues actor: results its trials compute once (the zero-shot row)
+    shared: object = None  # a sweep's SharedValues actor: what its trials compute once (zero-shot row, initial-model features)
     launch: Literal["in_process", "ray"] = "ray"  # train.launch resolved (`resolve_launch`)
     checkpoint_root: str | None = None  # in_process: where task checkpoints are written (on Ray, Ray Train keeps them)
 
@@ -109,6 +110,28 @@ def zero_shot_key(plan: RunPlan) -> str:
     decisive = {"model": config.model.model_dump(), "seed": config.train.seed, "manifest": plan.manifest,
                 "task_order": config.task_order, "eval": config.eval.model_dump(), "data": config.data.model_dump(),
                 "method": config.method.name, "image_size": plan.image_size}
+    return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def initial_model_features_key(plan: RunPlan, first_task: int) -> str:
+    """What decides the tensors a method computes from the frozen starting model alone
+    (`ContinualMethod.initial_model_features`): the starting model (name, weights, seed, precision,
+    device kind), the method and the hyperparameters it names in `initial_model_feature_hparams` (as
+    set for `first_task`, the first task this attempt trains), the tasks' class prompts, and the
+    reference texts (the reference stream, how many samples and captions are read from it)."""
+    import hashlib
+    import json
+
+    config = plan.config
+    hparams = plan.tasks[first_task].settings.hparams
+    decisive = {"model": config.model.model_dump(), "seed": config.train.seed, "use_gpu": plan.use_gpu,
+                "method": config.method.name,
+                "hparams": {h: getattr(hparams, h) for h in get_method(config.method.name).initial_model_feature_hparams},
+                "tasks": [(t.name, t.classes, t.templates) for t in plan.tasks],
+                "reference": plan.reference.urls if plan.reference else None,
+                "reference_samples": plan.reference.samples if plan.reference else None,
+                "reference_texts": config.data.reference_texts, "reference_captions": plan.reference_captions,
+                "on_bad_sample": config.data.on_bad_sample}
     return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -117,7 +117,7 @@ def _start_parent_run(plan: SweepPlan, sweep_id: str, stream, uri: str):
         "sweep.num_samples": str(plan.config.search.num_samples),
         "sweep.seed": str(plan.config.search.seed),
         "sweep.scheduler": plan.config.scheduler.type,
-        "sweep.share_zero_shot": str(plan.config.share_zero_shot),
+        "sweep.share_starting_model_results": str(plan.config.share_starting_model_results),
         "sweep.stop": json.dumps([r.model_dump() for r in plan.config.stop]),
         "sweep.space": json.dumps({k: (v.model_dump(exclude_none=True) if isinstance(v, ParamSpec) else v)
                                    for k, v in plan.space.items()}, default=str),
@@ -184,7 +184,7 @@ def _run_sweep(plan: SweepPlan, sweep_id: str, state_dir: Path, *, resume: bool,
     base = with_overrides(plan.base, {"tracking.uri": uri})
     trainable = tune.with_parameters(run_trial, base=as_data(base), objective=plan.config.objective.model_dump(),
                                      num_tasks=num_tasks, sweep_id=sweep_id, parent_run_id=parent_run_id,
-                                     shared=start_shared_values() if plan.config.share_zero_shot else None)
+                                     shared=start_shared_values() if plan.config.share_starting_model_results else None)
     per_trial = trial_resources(plan, ray.cluster_resources().get("GPU", 0) > 0)
     trainable = tune.with_resources(trainable, trial_process_resources(plan.config.resources.trial_cpus))
     max_concurrent = plan.config.resources.max_concurrent_trials or derive_max_concurrent_trials(

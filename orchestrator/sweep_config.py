@@ -153,9 +153,11 @@ class SweepConfig(_Section):
     stop: list[StopRule] = Field(default_factory=list, description="stop rules, e.g. forgetting above 0.3 after task 2")
     resources: ResourceSettings = Field(default_factory=ResourceSettings)
     storage_path: str = Field("vlcl_sweeps", description="where Tune keeps the sweep's state (shared on a cluster)")
-    share_zero_shot: bool = Field(
-        True, description="trials that start from the same model on the same eval sets score the zero-shot row "
-                          "once per sweep (the first trial computes it; each trial's run is tagged vlcl.zero_shot)")
+    share_starting_model_results: bool = Field(
+        True, description="trials that start from the same model compute once per sweep what depends on that model "
+                          "alone: the zero-shot row (same eval sets; runs tagged vlcl.zero_shot) and the method's "
+                          "initial-model features, e.g. ZSCL's teacher features of the reference texts (same inputs; "
+                          "runs tagged vlcl.initial_model_features); the first trial computes, the others take it")
 
 
 @dataclass

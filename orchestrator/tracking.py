@@ -215,6 +215,11 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def mark_shared(self, what: str, computed_by: str | None) -> None:
+        """Tag `vlcl.<what>` with where a result a sweep's trials share came from: "shared: computed by
+        run <id>" when another trial's run computed it, "computed" when this run did."""
+        self.set_tag(f"vlcl.{what}", f"shared: computed by run {computed_by}" if computed_by else "computed")
+
     def set_running(self) -> None:
         self.client.update_run(self.run_id, status="RUNNING")
 

@@ -2,7 +2,8 @@
 
 Driver (`run_sequence`): build the typed plan (everything that can fail does, before Ray starts),
 open the MLflow run, start the trainer, draw the console, return the result. Workers
-(`train_sequence`): read top to bottom, like a recipe - set up, zero-shot row, then per task:
+(`train_sequence`): read top to bottom, like a recipe - set up, zero-shot row, in a sweep the
+method's initial-model features (shared by its trials), then per task:
 before_task -> steps -> after_task -> evaluate every task -> report(metrics, checkpoint). A
 checkpoint after each task holds model, method state, optimizer (when it carries over) and
 progress, so a run restarts at the next task after a worker failure (FailureConfig) or
@@ -28,7 +29,7 @@ import torch
 
 from orchestrator.config import ConfigError, RunConfig, to_yaml
 from orchestrator.metrics import summarize, summarize_control
-from orchestrator.plan import FaultInjection, Progress, RunPlan, TaskPlan, zero_shot_key
+from orchestrator.plan import FaultInjection, Progress, RunPlan, TaskPlan, initial_model_features_key, zero_shot_key
 
 
 @dataclass
@@ -61,7 +62,8 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     `resume`: continue the last unfinished run of this config (its MLflow run and its latest
     checkpoint, or `resume_from` when given). `resume_from` alone: start from a task checkpoint
     directory instead of from scratch (a PBT exploit), in a new MLflow run. `shared`: a sweep's
-    SharedValues actor (the zero-shot row is computed by the first trial that needs it).
+    SharedValues actor (the zero-shot row and the method's initial-model features are computed by
+    the first trial that needs them).
     `quiet`: no console (tests, sweep trials)."""
     from methods.models import build_model
     from orchestrator.console import Console, library_logs_to, sink_drain, start_progress_sink
@@ -381,12 +383,16 @@ def train_sequence(loop_config: dict) -> None:
         shared = shared_zero_shot(plan, rank)
         evaluate_and_record(0, scored=shared and (shared["row"], shared["control_row"], shared["details"]))
         if tracker and plan.shared is not None:
-            tracker.set_tag("vlcl.zero_shot", f"shared: computed by run {shared['run_id']}" if shared else "computed")
+            tracker.mark_shared("zero_shot", shared and shared["run_id"])
         if shared is None and plan.shared is not None and rank == 0:
             plan.shared.put.remote(zero_shot_key(plan), {
                 "row": progress.matrix[0], "control_row": progress.control[0],
                 "details": progress.eval_details["0"], "run_id": plan.run_id})
         reporter.evaluated(-1, "zero-shot", progress.matrix[0], progress.control[0])
+
+    # -- what the method computes from the starting model alone, once per sweep ---------------------
+    if method.has_initial_model_features and plan.shared is not None and progress.tasks_done < len(plan.tasks):
+        share_initial_model_features(plan, method, progress.tasks_done, rank, tracker, autocast)
 
     # -- the tasks ----------------------------------------------------------------------------------
     optimizer = None
@@ -424,6 +430,45 @@ def shared_zero_shot(plan: RunPlan, rank: int) -> dict | None:
 
     found = ray.get(plan.shared.get.remote(zero_shot_key(plan))) if rank == 0 else None
     return broadcast_object(found)
+
+
+def share_initial_model_features(plan: RunPlan, method, first_task: int, rank: int, tracker, autocast) -> None:
+    """Give the method the tensors it would compute from the frozen starting model alone (ZSCL's
+    teacher features of the reference texts, MulKI's pretrained teacher's class-prompt features):
+    another trial's, when one of the sweep with the same key computed them, else computed here
+    (every rank, as the method would) and offered to the others. Rank 0 asks and tells the others,
+    so all ranks take the same path. The actor keeps the CPU tensors, so they outlive the trial that
+    computed them; each get sends them through Ray's object store."""
+    import ray
+
+    from methods import TaskInfo
+    from methods.distributed import broadcast_object
+
+    key = initial_model_features_key(plan, first_task)
+    found = broadcast_object(ray.get(plan.shared.get.remote(key)) if rank == 0 else None)
+    if found is None:
+        # the settings the first task trains with: the method computes its features under them
+        method.set_hparams(plan.tasks[first_task].settings.hparams)
+        tasks = [TaskInfo(index=t.index, name=t.name, kind=t.kind, num_tasks=len(plan.tasks), class_names=t.classes,
+                          templates=t.templates, steps=t.steps) for t in plan.tasks]
+        with autocast():
+            features = method.initial_model_features(tasks)
+        if rank == 0 and features:
+            plan.shared.put.remote(key, {"features": features, "run_id": plan.run_id})
+    else:
+        features = found["features"]
+    method.use_initial_model_features(features)
+    if tracker and features:
+        tracker.mark_shared("initial_model_features", found and found["run_id"])
+        tracker.log_dict({name: {"shape": list(t.shape), "dtype": str(t.dtype), "sha1": tensor_digest(t)}
+                          for name, t in features.items()}, "initial_model_features.json")
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-1 of a tensor's bytes: equal digests, bit-identical tensors (of one shape and dtype)."""
+    import hashlib
+
+    return hashlib.sha1(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, optimizer_state, progress: Progress,

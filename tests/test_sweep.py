@@ -3,7 +3,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from orchestrator.sweep import format_leaderboard
@@ -313,3 +315,89 @@ def test_trials_share_one_zero_shot_row_and_it_is_the_row_each_would_compute(fin
                                                     "output_dir": str(Path(plan.base.output_dir).parent / "alone")}),
                          quiet=True)
     assert alone.matrix[0] == rows[0]
+
+
+def noise_reference_stream(folder: Path) -> Path:
+    """A reference stream for ZSCL: 16 noise images (never the training data) and 12 captions."""
+    from PIL import Image
+
+    from streams.protocols import build_reference
+
+    generator = np.random.default_rng(0)
+    for index in range(16):
+        path = folder / "images" / f"group{index % 2}" / f"noise{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generator.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    captions = folder / "captions.txt"
+    captions.write_text("\n".join(f"a photo of scene number {i}" for i in range(12)) + "\n")
+    return build_reference(folder / "images", captions, folder / "reference")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_zscl_trials_share_the_initial_models_reference_text_features_and_they_equal_a_trials_own(
+        ray_session, digits_manifest, tmp_path):
+    """Two trials (lr 1e-3, 1e-4) of ZSCL on two digits tasks: the first computes the initial
+    teacher's features of the reference texts, the second takes them; both record it, with the
+    tensors' digest, which equals the features a run's method computes alone; and the sharing trial
+    trains exactly as the same config does without a sweep."""
+    from mlflow.tracking import MlflowClient
+
+    from methods import get_method
+    from methods.models import build_model
+    from orchestrator.config import with_overrides
+    from orchestrator.data import WorkerData
+    from orchestrator.plan import build_plan
+    from orchestrator.sweep import run_sweep
+    from orchestrator.trainer import run_sequence, tensor_digest
+
+    manifest = three_task_digits(digits_manifest, tmp_path, count=2)
+    raw = {
+        "name": "digits2-zscl",
+        "base": {"stream": str(manifest), "model": {"name": "vlcl-tiny"},
+                 "method": {"name": "zscl", "hparams": {"reference_batch_size": 8, "avg_freq": 2}},
+                 "data": {"reference": str(noise_reference_stream(tmp_path)), "reference_samples": 16},
+                 "train": {"batch_size": 32, "max_steps_per_task": 3, "epochs_per_task": 1, "log_every_steps": 1},
+                 "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "sweep-zscl",
+                              "checkpoints": "none"},
+                 "output_dir": str(tmp_path / "runs")},
+        "use_default_space": False,
+        "space": {"train.lr": {"type": "choice", "values": [1e-3, 1e-4]}},
+        "search": {"algorithm": "grid", "num_samples": 1},
+        "scheduler": {"type": "none"},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 1},
+        "storage_path": str(tmp_path / "sweeps"),
+    }
+    plan = plan_sweep(raw, source="test sweep")
+    result = run_sweep(plan, quiet=True)
+    client = MlflowClient(tracking_uri=plan.base.tracking.uri)
+    runs = {t.params["train.lr"]: client.get_run(t.run_id) for t in result.trials}
+    tags = sorted(r.data.tags["vlcl.initial_model_features"] for r in runs.values())
+    computed = next(r for r in runs.values() if r.data.tags["vlcl.initial_model_features"] == "computed")
+    assert tags == ["computed", f"shared: computed by run {computed.info.run_id}"]
+    records = [json.loads(Path(client.download_artifacts(r.info.run_id, "initial_model_features.json")).read_text())
+               for r in runs.values()]
+    assert records[0] == records[1] and set(records[0]) == {"reference_text", "reference_text.tokens"}
+    assert records[0]["reference_text"]["shape"][0] == 12  # one row per reference caption
+
+    # The method of a run, on its own (no sweep), computes the same tensors: as a worker builds it.
+    config = plan.base
+    torch.manual_seed(config.train.seed)
+    built = build_model(config.model.name, config.model.pretrained)
+    run_plan = build_plan(config, built.image_size)
+    method = get_method("zscl")(built.model, built.tokenizer, config.method.hparams)
+    method.set_reference_data(*WorkerData(run_plan, 0, 1, torch.device("cpu"), built.image_mean,
+                                          built.image_std).reference_data())
+    alone_features = method.initial_model_features([])
+    assert {name: tensor_digest(t) for name, t in alone_features.items()} == \
+        {name: record["sha1"] for name, record in records[0].items()}
+
+    # ... and the trial that took them trains as the same config run outside the sweep.
+    shared_run = next(r for r in runs.values() if r is not computed)
+    lr = float(shared_run.data.params["train.lr"])
+    alone = run_sequence(with_overrides(config, {"train.lr": lr, "output_dir": str(tmp_path / "alone")}), quiet=True)
+    trial = next(t for t in result.trials if t.run_id == shared_run.info.run_id)
+    assert alone.matrix == trial.matrix
+    for metric in ("train/distill_image", "train/distill_text", "train/loss"):
+        history = [m.value for m in client.get_metric_history(shared_run.info.run_id, metric)]
+        assert len(history) == 6 and history == [m.value for m in client.get_metric_history(alone.run_id, metric)]
