@@ -33,6 +33,7 @@ class WorkerData:
         self.skipped: list[str] = []
         self._eval_cache: dict[tuple, DecodedSplit] = {}
         self._train_cache: tuple[str, DecodedSplit] | None = None
+        self.eval_sets_decoded_by: set[str] = set()  # in a sweep: the runs whose decoded eval sets this one took
 
     # ---- reading -----------------------------------------------------------------------------
     def _decoder(self, classes) -> RowDecoder:
@@ -124,7 +125,7 @@ class WorkerData:
         if task.eval.cached:
             key = (task.eval.urls, task.classes)  # tasks that share an eval set share its decoded rows
             if key not in self._eval_cache:
-                self._eval_cache[key] = self._read(task.eval, task.classes, (self.rank, self.world))
+                self._eval_cache[key] = self._shared_or_read(task)
             chunks = [self._eval_cache[key]]
         else:
             chunks = iter_split(list(task.eval.urls), self._decoder(task.classes), cap=task.eval.cap,
@@ -134,6 +135,31 @@ class WorkerData:
                 self.skipped.extend(chunk.skipped)
             for start in range(0, len(chunk), batch_size):
                 yield self._on_device(chunk.rows(slice(start, start + batch_size)))
+
+    @property
+    def kept_eval_sets(self) -> int:
+        return len(self._eval_cache)
+
+    def _shared_or_read(self, task: TaskPlan) -> DecodedSplit:
+        """This worker's share of a kept eval set. In a sweep, every trial would decode the same
+        rows: the first one that does offers them to the sweep's SharedValues actor and the others
+        take them (keyed by everything that decides the decoded rows, this worker's share included)."""
+        share = (self.rank, self.world)
+        if self.plan.shared is None:
+            return self._read(task.eval, task.classes, share)
+        import ray
+
+        from orchestrator.plan import eval_set_key
+
+        key = eval_set_key(self.plan, task, share)
+        found = ray.get(self.plan.shared.get.remote(key))
+        if found is not None:
+            self.skipped.extend(found["split"].skipped)  # counted in every run that scores these rows
+            self.eval_sets_decoded_by.add(found["run_id"])
+            return found["split"]
+        split = self._read(task.eval, task.classes, share)
+        self.plan.shared.put.remote(key, {"split": split, "run_id": self.plan.run_id})
+        return split
 
     def reference_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference data for methods that distil on it: this worker's share of the images

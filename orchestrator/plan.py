@@ -113,6 +113,19 @@ def zero_shot_key(plan: RunPlan) -> str:
     return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def eval_set_key(plan: RunPlan, task: TaskPlan, share: tuple[int, int]) -> str:
+    """What decides a worker's decoded rows of an eval set: its shards, cap and classes, the image
+    size, tokenizer and decode settings, and the worker's share (rank, world size)."""
+    import hashlib
+    import json
+
+    config = plan.config
+    decisive = {"urls": task.eval.urls, "cap": task.eval.cap, "classes": task.classes, "image_size": plan.image_size,
+                "tokenizer": config.model.name, "decode": config.data.decode, "on_bad_sample": config.data.on_bad_sample,
+                "share": share}
+    return "eval-set:" + hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def initial_model_features_key(plan: RunPlan, first_task: int) -> str:
     """What decides the tensors a method computes from the frozen starting model alone
     (`ContinualMethod.initial_model_features`): the starting model (name, weights, seed, precision,

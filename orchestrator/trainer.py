@@ -356,6 +356,8 @@ def train_sequence(loop_config: dict) -> None:
         monitor = tracker.system_monitor(resume=checkpoint_dir is not None)
         monitor.start()
 
+    eval_sets_tagged: list[bool] = []
+
     def evaluate_and_record(row_index: int, scored: tuple | None = None) -> dict[str, float]:
         """Score every eval and control set (or take `scored`, the (row, control row, details) a
         sweep's trials share); add the row to progress; log it. Returns the metrics."""
@@ -363,6 +365,10 @@ def train_sequence(loop_config: dict) -> None:
 
         row, control_row, details = scored or evaluate_all(method.eval_model(), plan, data, built.tokenizer,
                                                            built.image_mean, built.image_std, device, autocast)
+        if tracker and plan.shared is not None and not scored and data.kept_eval_sets and not eval_sets_tagged:
+            # the first evaluation decoded every kept eval set, or took another trial's
+            tracker.mark_shared("eval_sets", ", ".join(sorted(data.eval_sets_decoded_by)) or None)
+            eval_sets_tagged.append(True)
         progress.matrix.append(row)
         progress.control.append(control_row)
         progress.eval_details[str(row_index)] = details

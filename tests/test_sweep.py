@@ -316,6 +316,18 @@ def test_trials_share_one_zero_shot_row_and_it_is_the_row_each_would_compute(fin
                          quiet=True)
     assert alone.matrix[0] == rows[0]
 
+    # The decoded eval sets too: the trial that scored the row decoded them, the others took its
+    # rows, and a trial scoring on taken rows has the matrix its config has alone.
+    assert computed[0].data.tags["vlcl.eval_sets"] == "computed"
+    takers = [r for r in runs if r is not computed[0]]
+    assert [r.data.tags["vlcl.eval_sets"] for r in takers] == [f"shared: computed by run {computed[0].info.run_id}"] * 2
+    taker = next(t for t in result.trials if t.run_id != computed[0].info.run_id and t.tasks_trained == 3)
+    same = run_sequence(with_overrides(plan.base, {"train.lr": taker.params["train.lr"], "train.launch": "ray",
+                                                   "tracking.checkpoints": "none",
+                                                   "output_dir": str(Path(plan.base.output_dir).parent / "same")}),
+                        quiet=True)
+    assert same.matrix == taker.matrix
+
 
 def noise_reference_stream(folder: Path) -> Path:
     """A reference stream for ZSCL: 16 noise images (never the training data) and 12 captions."""
