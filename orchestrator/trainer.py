@@ -332,7 +332,12 @@ def train_sequence(loop_config: dict) -> None:
     config = plan.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
+    if not plan.use_gpu:
+        device = torch.device("cpu")
+    elif plan.launch == "in_process":  # no Ray worker: the GPU torch picks (CUDA_VISIBLE_DEVICES decides)
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = ray.train.torch.get_device()
 
     # -- setup, in dependency order: model -> method -> data -> restored state -> trackers --------
     torch.manual_seed(config.train.seed)
