@@ -49,7 +49,9 @@ class TaskPlan:
 @dataclass(frozen=True)
 class FaultInjection:
     """Test hook (VLCL_FAULT_AFTER_TASK=k): worker 0 crashes once after checkpointing task k, once per
-    VLCL_FAULT_MARKER file, to exercise FailureConfig and --resume for real."""
+    VLCL_FAULT_MARKER file, to exercise FailureConfig and --resume for real. Read where
+    `run_sequence` runs: a sweep's trials run in Ray's worker processes, which have the environment
+    Ray started with, not later changes to the driver's."""
 
     after_task: int
     marker: str = ""

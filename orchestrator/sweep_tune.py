@@ -40,6 +40,46 @@ def pbt_mutations(plan: SweepPlan) -> dict[str, Any]:
             for dotted in pbt_keys(plan)}
 
 
+def survivors_population_based_training(**pbt_args):
+    """Ray's synchronous PopulationBasedTraining, whose barrier waits only for trials that can still
+    reach it: one errored trial must not leave the rest of the population paused forever.
+
+    Ray 2.60 (ray/tune/schedulers/pbt.py) perturbs a synch population in `on_trial_result` of the
+    last trial to reach the boundary, once no trial of `tune_controller.get_live_trials()` has a
+    `last_train_time` below `_next_perturbation_sync`; every trial pauses there, and
+    `choose_trial_to_run` resumes only trials below that boundary. An errored trial stays in the
+    live set (`TuneController._process_trial_failure` marks it ERROR; only `stop_trial` discards
+    from `_live_trials`) at the task it last reported, so the survivors wait for it, paused, and
+    no perturbation ever comes. A trial a stop rule ends before the boundary leaves the set, but
+    when it was the last one awaited, nobody arrives after it to perturb.
+
+    So once every trial that has not ended is paused at the boundary, this one perturbs them as
+    Ray's synch branch of `on_trial_result` would; then they are below the next boundary and resume.
+    An ended trial is never a donor: `_quantiles` ranks only trials that are not finished."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    class SurvivorsPopulationBasedTraining(PopulationBasedTraining):
+        def choose_trial_to_run(self, tune_controller):
+            survivors = [trial for trial in tune_controller.get_trials() if not trial.is_finished()]
+            if survivors and all(trial.status == Trial.PAUSED
+                                 and self._trial_state[trial].last_train_time >= self._next_perturbation_sync
+                                 for trial in survivors):
+                self._perturb(tune_controller, survivors)
+            return super().choose_trial_to_run(tune_controller)
+
+        def _perturb(self, tune_controller, survivors: list) -> None:
+            lower, upper = self._quantiles()
+            boundary = max(self._trial_state[trial].last_train_time for trial in survivors)
+            middle = [trial for trial in survivors if trial not in lower and trial not in upper]
+            for trial in upper + middle + lower:  # donors' checkpoints first, as Ray orders them
+                self._trial_state[trial].last_perturbation_time = boundary
+                self._checkpoint_or_exploit(trial, tune_controller, upper, lower)
+            self._next_perturbation_sync = max(self._next_perturbation_sync + self._perturbation_interval, boundary)
+
+    return SurvivorsPopulationBasedTraining(synch=True, **pbt_args)
+
+
 def tune_config(plan: SweepPlan, num_tasks: int, max_concurrent: int):
     from ray import tune
 
@@ -52,15 +92,13 @@ def tune_config(plan: SweepPlan, num_tasks: int, max_concurrent: int):
                                   grace_period=min(settings.scheduler.grace_period, num_tasks),
                                   reduction_factor=settings.scheduler.reduction_factor)
     elif settings.scheduler.type == "pbt":
-        from ray.tune.schedulers import PopulationBasedTraining
-
-        # synch: trials are compared after the same number of tasks (an objective after task 3 is
-        # not comparable with one after task 2: more tasks, more to forget). A trial that reaches a
-        # boundary first waits, paused, for the rest of the population.
-        scheduler = PopulationBasedTraining(
+        # Synchronous: trials are compared after the same number of tasks (an objective after task 3
+        # is not comparable with one after task 2: more tasks, more to forget). A trial that reaches
+        # a boundary first waits, paused, for the rest of the population.
+        scheduler = survivors_population_based_training(
             time_attr="task", perturbation_interval=settings.scheduler.perturbation_interval,
             hyperparam_mutations=pbt_mutations(plan), quantile_fraction=settings.scheduler.quantile_fraction,
-            resample_probability=settings.scheduler.resample_probability, synch=True)
+            resample_probability=settings.scheduler.resample_probability)
     search_alg = None
     if settings.search.algorithm in ("random", "grid"):
         from ray.tune.search.basic_variant import BasicVariantGenerator

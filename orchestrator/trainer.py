@@ -594,9 +594,11 @@ def inject_fault(fault: FaultInjection, tasks_done: int, rank: int) -> None:
     if fault.after_task != tasks_done or rank != 0:
         return
     if fault.marker:
-        if Path(fault.marker).exists():
+        try:  # created exclusively: of trials reaching it at once (a sweep's), exactly one fires
+            with open(fault.marker, "x") as marker:
+                marker.write("fired")
+        except FileExistsError:
             return
-        Path(fault.marker).write_text("fired")
     raise RuntimeError(f"injected fault after task {tasks_done} (VLCL_FAULT_AFTER_TASK)")
 
 

@@ -146,6 +146,63 @@ def test_pbt_perturbs_only_keys_that_can_change_between_tasks():
                     "scheduler": {"type": "pbt"}, "space": {"memory_size": {"type": "choice", "values": [20, 40]}}})
 
 
+def test_pbt_perturbs_the_survivors_when_the_trial_they_waited_for_errors_and_never_clones_it():
+    """Ray's PBT scheduler on Ray's trial objects, with Tune's controller reduced to what PBT asks
+    of it. After task 1 trial e is the best; at task 2, a and b wait, paused, for e, and e errors
+    instead: a and b must still be perturbed (b, the weaker, continues from a's task-2 state, not
+    from e's) and resumed."""
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+    from ray.tune.experiment import Trial
+
+    from orchestrator.sweep_tune import survivors_population_based_training
+
+    class Population:
+        search_alg = None
+
+        def __init__(self, trials):
+            self.trials = trials
+
+        def get_trials(self):
+            return self.trials
+
+        def get_live_trials(self):  # as Tune's: an errored trial stays in it
+            return {trial for trial in self.trials if trial.status != Trial.TERMINATED}
+
+        def pause_trial(self, trial, should_checkpoint=True):
+            trial.set_status(Trial.PAUSED)
+
+    def reach_boundary(trial: Trial, task: int, objective: float) -> None:
+        """The trial reports the task with its checkpoint, and Tune pauses it as PBT asks (synch)."""
+        trial.run_metadata.checkpoint_manager.register_checkpoint(
+            _TrainingResult(checkpoint=Checkpoint(f"/checkpoints/{trial.trial_id}/task_{task}"), metrics={"task": task}))
+        scheduler.on_trial_result(population, trial, {"task": task, OBJECTIVE_KEY: objective})
+        trial.set_status(Trial.PAUSED)
+
+    scheduler = survivors_population_based_training(
+        time_attr="task", metric=OBJECTIVE_KEY, mode="max", perturbation_interval=1, quantile_fraction=0.5,
+        hyperparam_mutations={"train.lr": [1e-4, 1e-3, 1e-2]}, resample_probability=0.0, log_config=False)
+    a, b, e = (Trial("run_trial", config={"train.lr": 1e-3}, trial_id=name, stub=True) for name in "abe")
+    population = Population([a, b, e])
+    for trial in population.trials:
+        scheduler.on_trial_add(population, trial)
+        trial.set_status(Trial.RUNNING)
+    for trial, objective in ((e, 0.9), (a, 0.2), (b, 0.1)):
+        reach_boundary(trial, 1, objective)
+    assert b.checkpoint.path == "/checkpoints/e/task_1", "precondition: after task 1, b continues from e"
+    for trial in population.trials:
+        trial.set_status(Trial.RUNNING)
+    reach_boundary(a, 2, 0.3)
+    reach_boundary(b, 2, 0.25)
+    scheduler.on_trial_error(population, e)  # as Tune's controller: the scheduler is told, then ERROR
+    e.set_status(Trial.ERROR)
+
+    # Ray's own PopulationBasedTraining returns None here, every step: nobody is ever resumed.
+    assert scheduler.choose_trial_to_run(population) in (a, b)
+    assert b.checkpoint.path == "/checkpoints/a/task_2"  # e's last score (0.9) is the highest, but e ended
+    assert a.checkpoint.path == "/checkpoints/a/task_2" and e.status == Trial.ERROR
+
+
 def test_a_pbt_schedule_becomes_per_task_settings_of_one_run_config():
     from orchestrator.config import RunConfig
     from orchestrator.sweep_config import schedule_config

@@ -3,14 +3,20 @@ state (model, teacher, exemplar memory, matrix so far), and the winner's per-tas
 as one `vlcl run` config with the same matrix."""
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.test_sweep import three_task_digits
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +123,58 @@ def test_a_trials_schedule_replays_as_one_run_with_the_same_matrix(pbt_sweep):
     assert replay.task_settings == exploited.task_settings
     flat = lambda rows: [v for row in rows for v in row]  # noqa: E731
     assert len(exploited.matrix) == 3 and flat(replay.matrix) == pytest.approx(flat(exploited.matrix), abs=1e-6)
+
+
+def test_a_trial_that_errors_leaves_the_rest_of_the_population_to_finish(digits_manifest, tmp_path):
+    """Two trials on three digit tasks, compared after task 2 (synch PBT). The first trial to finish
+    task 1 crashes (fault injection, once per marker file): it was told to continue, so it errors
+    before the boundary, and the other one, paused there, must still be resumed and finish."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = {
+        "name": "pbt-errored",
+        "base": {"stream": str(three_task_digits(digits_manifest, tmp_path)), "model": {"name": "vlcl-tiny"},
+                 "method": {"name": "finetune"},
+                 "train": {"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 10, "log_every_steps": 2},
+                 "tracking": {"uri": uri, "experiment": "pbt-errored", "checkpoints": "none"},
+                 "output_dir": str(tmp_path / "runs")},
+        "use_default_space": False,
+        "space": {"train.lr": {"type": "choice", "values": [1e-4, 1e-3]}},
+        "search": {"algorithm": "grid", "num_samples": 1},
+        "scheduler": {"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 0.0},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 2},
+        "storage_path": str(tmp_path / "sweeps"),
+    }
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    marker = tmp_path / "fault-fired"
+    # The trials run in Ray's worker processes, which see only the environment Ray started with: the
+    # sweep gets its own Ray, started by a `vlcl sweep` that has the fault in its environment.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLCL_FAULT_AFTER_TASK": "1", "VLCL_FAULT_MARKER": str(marker)}
+    env.pop("RAY_ADDRESS", None)
+    # Its own session: on a hang, the driver and the Ray it started go together.
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file)], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = driver.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        output, _ = driver.communicate()
+        pytest.fail(f"the sweep did not end within 480 s:\n{output[-3000:]}")
+    assert driver.returncode == 0, output[-3000:]
+    assert marker.exists(), "precondition: the fault fired"
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("pbt-errored")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("vlcl.kind") == "sweep")
+    assert parent.info.status == "FINISHED" and parent.data.tags["vlcl.sweep_state"] == "finished"
+    board = json.loads(Path(client.download_artifacts(parent.info.run_id, "leaderboard.json", str(tmp_path))).read_text())
+    rows = [dict(zip(board["columns"], values)) for values in board["data"]]
+    assert [row["status"] for row in rows] == ["completed", "error"], rows  # ranked: completed trials first
+    survivor, errored = rows
+    assert survivor["tasks_trained"] == 3 and errored["tasks_trained"] <= 1
+    # Each MLflow run ends as its trial did; the survivor went on after the boundary in its own run.
+    assert client.get_run(errored["run_id"]).info.status == "FAILED"
+    assert client.get_run(survivor["run_id"]).info.status == "FINISHED" and not survivor["exploited_from"]
+    assert {m.step for m in client.get_metric_history(survivor["run_id"], "cl/seen_avg")} == {1, 2, 3}
