@@ -72,7 +72,8 @@ class TrainConfig(_Section):
         "auto", description="where training runs: in_process (this process, through Ray Train's local mode: no Ray "
                             "start, no worker actors) or ray (Ray Train worker actors); auto: in_process for one "
                             "worker whose tasks are all kept decoded, when no cluster is named ($RAY_ADDRESS) and the "
-                            "run is not itself inside Ray (sweep and study trials), else ray. Same results either way")
+                            "run is not itself inside Ray (sweep and study trials), else ray. The same matrix either way "
+                            "(losses to float rounding: a Ray worker uses train.cpus_per_worker threads)")
 
 
 class DataConfig(_Section):

@@ -83,6 +83,7 @@ class RunPlan:
     progress_sink: object = None  # a Ray actor handle the console reads; None: no live progress
     started_at: float = 0.0  # driver's time.time() when the run was asked for (first-step latency)
     shared: object = None  # a sweep's SharedValues actor: what its trials compute once (zero-shot row, initial-model features)
+    tune_gate: object = None  # a sweep trial's Ray queue: an item per task Tune continued (`wait_for_tune`)
     launch: Literal["in_process", "ray"] = "ray"  # train.launch resolved (`resolve_launch`)
     checkpoint_root: str | None = None  # in_process: where task checkpoints are written (on Ray, Ray Train keeps them)
 

@@ -214,13 +214,16 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
             tags |= {"vlcl.exploited_from": donor.group(0) if donor else source_folder,
                      "vlcl.exploited_after_task": str(tasks_done)}
     # The sequence runs in a thread; this one (Tune's) reports each task's metrics and checkpoint.
+    # Training holds after each task until Tune continues the trial (tune.report returns only then):
+    # a trial Tune stops or pauses at that result does not train a task it would throw away.
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    gate = Queue(actor_options={"num_cpus": 0})
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
             run_sequence(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
-                         run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared,
+                         run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared, tune_gate=gate,
                          ray_callbacks=[objective_report_callback(ObjectiveSettings(**objective), num_tasks, reports)])
         except BaseException as err:  # re-raised in Tune's thread below
             failure.append(err)
@@ -232,6 +235,7 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
     while (item := reports.get()) is not None:
         metrics, checkpoint_path = item
         tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint_path) if checkpoint_path else None)
+        gate.put(True)
     sequence.join()
     if failure:
         raise failure[0]

@@ -55,7 +55,7 @@ class SequenceResult:
 # ----------------------------------------------------------------------------------------------
 def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | None = None,
                  parent_run_id: str | None = None, run_name_suffix: str = "", extra_tags: dict | None = None,
-                 ray_callbacks: list | None = None, shared=None, quiet: bool = False,
+                 ray_callbacks: list | None = None, shared=None, tune_gate=None, quiet: bool = False,
                  verbose: bool = False) -> SequenceResult:
     """Train and evaluate `config`'s method over its stream; everything lands in MLflow.
 
@@ -63,7 +63,8 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     checkpoint, or `resume_from` when given). `resume_from` alone: start from a task checkpoint
     directory instead of from scratch (a PBT exploit), in a new MLflow run. `shared`: a sweep's
     SharedValues actor (the zero-shot row and the method's initial-model features are computed by
-    the first trial that needs them).
+    the first trial that needs them). `tune_gate`: a sweep trial's queue; after each task's report
+    training waits for an item, which the trial puts once Tune continues it (`wait_for_tune`).
     `quiet`: no console (tests, sweep trials)."""
     from methods.models import build_model
     from orchestrator.console import Console, library_logs_to, sink_drain, start_progress_sink
@@ -76,7 +77,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     check_reachable(uri)  # before any data or Ray work
     image_size = build_model(config.model.name, config.model.pretrained).image_size  # a bad model fails here
     plan = build_plan(config, image_size)
-    launch = resolve_launch(plan, for_sweep=bool(ray_callbacks or shared))
+    launch = resolve_launch(plan, for_sweep=bool(ray_callbacks or shared or tune_gate))
     output = Path(config.output_dir)
     run_name = default_run_name(config, plan.stream_name) + run_name_suffix
     state = find_resumable(output, run_name) if resume else None
@@ -103,6 +104,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
                 use_gpu = cluster_has_gpus() if launch == "ray" else torch.cuda.is_available()
             plan = replace(plan, tracking_uri=uri, run_id=tracker.run_id, resume_from=resume_from, use_gpu=use_gpu,
                            fault=FaultInjection.from_env(), progress_sink=sink, started_at=started, shared=shared,
+                           tune_gate=tune_gate,
                            launch=launch, checkpoint_root=str(output / ray_name) if launch == "in_process" else None)
             run_state = {"run_name": run_name, "run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
                          "ray_name": ray_name, "previous": state["ray_name"] if state else None, "finished": False}
@@ -426,8 +428,23 @@ def train_sequence(loop_config: dict) -> None:
         report_task(plan, progress, model, method, optimizer, rank, tracker, {"task": task.index + 1, **metrics})
         if plan.fault:
             inject_fault(plan.fault, progress.tasks_done, rank)
+        if plan.tune_gate is not None and progress.tasks_done < len(plan.tasks):
+            wait_for_tune(plan, rank)
     if monitor is not None:
         monitor.finish()
+
+
+def wait_for_tune(plan: RunPlan, rank: int) -> None:
+    """In a sweep trial, hold the next task until Tune has taken this task's result and continued
+    the trial. Tune decides at each result whether a trial goes on (ASHA and the stop rules end it,
+    a synchronous PBT pauses every trial at a boundary), and ends the trial's process when it does
+    not; the workers, meanwhile, would train the next task for nothing (and, after a PBT pause, the
+    trial would train it again from the checkpoint). Rank 0 waits; the others wait on it."""
+    from methods.distributed import broadcast_object
+
+    if rank == 0:
+        plan.tune_gate.get()
+    broadcast_object(True)
 
 
 def shared_zero_shot(plan: RunPlan, rank: int) -> dict | None:

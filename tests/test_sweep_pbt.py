@@ -177,4 +177,6 @@ def test_a_trial_that_errors_leaves_the_rest_of_the_population_to_finish(digits_
     # Each MLflow run ends as its trial did; the survivor went on after the boundary in its own run.
     assert client.get_run(errored["run_id"]).info.status == "FAILED"
     assert client.get_run(survivor["run_id"]).info.status == "FINISHED" and not survivor["exploited_from"]
-    assert {m.step for m in client.get_metric_history(survivor["run_id"], "cl/seen_avg")} == {1, 2, 3}
+    # Paused at the boundary after task 2, it trained task 3 once: training waits for Tune's
+    # decision after every task (trainer.wait_for_tune), so no task is trained and then thrown away.
+    assert sorted(m.step for m in client.get_metric_history(survivor["run_id"], "cl/seen_avg")) == [1, 2, 3]
