@@ -115,7 +115,7 @@ def measure_method(name: str, built, base_state: dict, args, device: torch.devic
                    for b in batches]
 
     def new_optimizer():
-        return torch.optim.AdamW(method.trainable_parameters(), lr=1e-5, fused=device.type == "cuda")
+        return torch.optim.AdamW(method.trainable_parameters(), lr=1e-5, fused=True)
 
     def step(optimizer, batch) -> None:
         with autocast():

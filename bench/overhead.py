@@ -1,7 +1,7 @@
 """What does vlcl's orchestration cost on small tasks? The same work two ways, in one run:
 
 (a) a plain single-process PyTorch loop: the same model, the same steps and batch size on the same
-    shards (read with streams.local_reader), fine-tuning with methods.FineTune, and every eval set
+    shards (read with streams.local_reader), the same optimizer (fused AdamW), fine-tuning with methods.FineTune, and every eval set
     scored after every task (methods + orchestrator.evaluation's pure functions; no Ray, no MLflow);
 (b) `vlcl run` as a user starts it (a subprocess: imports, Ray start, MLflow run, Ray Train,
     checkpoints, shutdown).
@@ -78,7 +78,7 @@ def plain_loop(config) -> float:
         method.before_task(TaskInfo(index=task.index, name=task.name, kind=task.kind, num_tasks=len(plan.tasks),
                                     class_names=task.classes, templates=task.templates, steps=task.steps))
         optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=task.settings.lr,
-                                      weight_decay=task.settings.weight_decay)
+                                      weight_decay=task.settings.weight_decay, fused=True)  # as vlcl's loop
         model.train()
         step, epoch, batch_size = 0, 0, config.train.batch_size
         while step < task.steps:

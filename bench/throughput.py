@@ -1,6 +1,6 @@
 """Is vlcl's training phase as fast as a plain PyTorch loop? Both, in one run, on one machine:
 
-(a) the plain loop: the model, a synthetic batch already on the device, AdamW (fused on CUDA),
+(a) the plain loop: the model, a synthetic batch already on the device, AdamW (fused),
     autocast at --precision, CLIP's contrastive loss; img/s after warm-up.
 (b) `vlcl run`'s training phase (orchestrator.trainer.run_sequence, fine-tuning with the
     contrastive task loss) on real JPEG webdataset shards: sklearn digits upscaled to the model's
@@ -69,7 +69,7 @@ def plain_loop(args, device: torch.device) -> tuple[Throughput, float]:
     torch.manual_seed(0)
     built = build_model(args.model)
     model = built.model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
     size = built.image_size
     pixels = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)

@@ -129,7 +129,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
         summary = {k: v for k, v in (summarize(progress.matrix) | summarize_control(progress.control)).items()
                    if not math.isnan(v)}
         write_state(output / "runs" / f"{ray_name}.json", {**run_state, "finished": True})
-        tracker.log_matrix_table(plan.task_names, progress.matrix, plan.control_names, progress.control)
+        tracker.log_final_matrix(plan.task_names, progress.matrix, plan.control_names, progress.control)
         log_handler.flush()
         tracker.log_artifact(str(log_file))
         tracker.finish("FINISHED")
@@ -515,9 +515,9 @@ def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, op
     method.before_task(info)
     parameters = method.trainable_parameters()
     if optimizer is None or config.train.reset_optimizer_each_task:
-        # fused: one kernel for the whole update on a GPU, as the plain loop of bench/throughput.py
-        optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay,
-                                      fused=data.device.type == "cuda")
+        # fused: one kernel for the whole update (a GPU's, or the CPU's: 1.6 ms a step instead of 17 ms
+        # for vlcl-tiny's 62 tensors, where the per-tensor loop is most of a small model's step)
+        optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
         if optimizer_state is not None and not config.train.reset_optimizer_each_task:
             optimizer.load_state_dict(optimizer_state)
     for group in optimizer.param_groups:  # this task's settings, also on an optimizer carried over
