@@ -101,32 +101,33 @@ class RunPlan:
         return [t for t in self.tasks if not t.train.cached]
 
 
+def digest(decisive: dict) -> str:
+    """A key for what a sweep's trials share: SHA-1 of everything that decides it, as sorted JSON."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def zero_shot_key(plan: RunPlan) -> str:
     """What decides a run's zero-shot row: the starting model (name, weights, seed), the stream, its
     order and its eval sets, and the method (whose eval_model is scored). Trials of a sweep with the
     same key have the same row; their learning rates, method hyperparameters and schedules act only
     in training."""
-    import hashlib
-    import json
-
     config = plan.config
     decisive = {"model": config.model.model_dump(), "seed": config.train.seed, "manifest": plan.manifest,
                 "task_order": config.task_order, "eval": config.eval.model_dump(), "data": config.data.model_dump(),
                 "method": config.method.name, "image_size": plan.image_size}
-    return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(decisive)
 
 
 def eval_set_key(plan: RunPlan, task: TaskPlan, share: tuple[int, int]) -> str:
     """What decides a worker's decoded rows of an eval set: its shards, cap and classes, the image
     size, tokenizer and decode settings, and the worker's share (rank, world size)."""
-    import hashlib
-    import json
-
     config = plan.config
     decisive = {"urls": task.eval.urls, "cap": task.eval.cap, "classes": task.classes, "image_size": plan.image_size,
                 "tokenizer": config.model.name, "decode": config.data.decode, "on_bad_sample": config.data.on_bad_sample,
                 "share": share}
-    return "eval-set:" + hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
+    return "eval-set:" + digest(decisive)
 
 
 def initial_model_features_key(plan: RunPlan, first_task: int) -> str:
@@ -135,9 +136,6 @@ def initial_model_features_key(plan: RunPlan, first_task: int) -> str:
     device kind), the method and the hyperparameters it names in `initial_model_feature_hparams` (as
     set for `first_task`, the first task this attempt trains), the tasks' class prompts, and the
     reference texts (the reference stream, how many samples and captions are read from it)."""
-    import hashlib
-    import json
-
     config = plan.config
     hparams = plan.tasks[first_task].settings.hparams
     decisive = {"model": config.model.model_dump(), "seed": config.train.seed, "use_gpu": plan.use_gpu,
@@ -148,7 +146,7 @@ def initial_model_features_key(plan: RunPlan, first_task: int) -> str:
                 "reference_samples": plan.reference.samples if plan.reference else None,
                 "reference_texts": config.data.reference_texts, "reference_captions": plan.reference_captions,
                 "on_bad_sample": config.data.on_bad_sample}
-    return hashlib.sha1(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
+    return digest(decisive)
 
 
 @dataclass

@@ -254,11 +254,11 @@ def resolve_space(config: SweepConfig, base: RunConfig, source: str = "sweep con
             if isinstance(spec, ParamSpec) and spec.type != "choice":
                 problems.append(f"  space {dotted}: grid search needs `type: choice` with `values`, not {spec.type}")
     if config.scheduler.type == "pbt":
-        cap = config.resources.max_concurrent_trials
-        if cap is not None and cap < config.search.num_samples:
+        cap, population = config.resources.max_concurrent_trials, trial_count(config, resolved)
+        if cap is not None and cap < population:
             problems.append(f"  resources.max_concurrent_trials: pbt compares the whole population at every task "
-                            f"boundary, so all {config.search.num_samples} trials run at once; set it to at least "
-                            f"search.num_samples or leave it unset")
+                            f"boundary, so all {population} trials run at once; set it to at least "
+                            f"that (search.num_samples, times the grid's size for grid search) or leave it unset")
         if config.search.algorithm not in ("random", "grid"):
             problems.append(f"  search.algorithm: pbt explores by itself; use random or grid for its starting "
                             f"population, not {config.search.algorithm}")
@@ -274,14 +274,18 @@ def resolve_space(config: SweepConfig, base: RunConfig, source: str = "sweep con
     return resolved
 
 
-def population_size(plan: SweepPlan) -> int:
-    """How many trials the sweep starts: num_samples, times every grid's size for grid search."""
-    size = plan.config.search.num_samples
-    if plan.config.search.algorithm == "grid":
-        for spec in plan.space.values():
+def trial_count(config: SweepConfig, space: dict[str, Any]) -> int:
+    """How many trials a sweep over `space` starts: num_samples, times every grid's size for grid search."""
+    size = config.search.num_samples
+    if config.search.algorithm == "grid":
+        for spec in space.values():
             if isinstance(spec, ParamSpec):
                 size *= len(spec.values)
     return size
+
+
+def population_size(plan: SweepPlan) -> int:
+    return trial_count(plan.config, plan.space)
 
 
 def per_task_key(dotted: str, base: RunConfig) -> bool:
