@@ -363,11 +363,12 @@ def train_sequence(loop_config: dict) -> None:
         monitor = tracker.system_monitor(resume=checkpoint_dir is not None)
         monitor.start()
 
-    eval_sets_tagged: list[bool] = []
+    eval_sets_tagged = False
 
     def evaluate_and_record(row_index: int, scored: tuple | None = None) -> dict[str, float]:
         """Score every eval and control set (or take `scored`, the (row, control row, details) a
         sweep's trials share); add the row to progress; log it. Returns the metrics."""
+        nonlocal eval_sets_tagged
         from orchestrator.evaluation import evaluate_all
 
         row, control_row, details = scored or evaluate_all(method.eval_model(), plan, data, built.tokenizer,
@@ -375,7 +376,7 @@ def train_sequence(loop_config: dict) -> None:
         if tracker and plan.shared is not None and not scored and data.kept_eval_sets and not eval_sets_tagged:
             # the first evaluation decoded every kept eval set, or took another trial's
             tracker.mark_shared("eval_sets", ", ".join(sorted(data.eval_sets_decoded_by)) or None)
-            eval_sets_tagged.append(True)
+            eval_sets_tagged = True
         progress.matrix.append(row)
         progress.control.append(control_row)
         progress.eval_details[str(row_index)] = details
@@ -469,7 +470,6 @@ def share_initial_model_features(plan: RunPlan, method, first_task: int, rank: i
     computed them; each get sends them through Ray's object store."""
     import ray
 
-    from methods import TaskInfo
     from methods.distributed import broadcast_object
 
     key = initial_model_features_key(plan, first_task)
@@ -477,8 +477,7 @@ def share_initial_model_features(plan: RunPlan, method, first_task: int, rank: i
     if found is None:
         # the settings the first task trains with: the method computes its features under them
         method.set_hparams(plan.tasks[first_task].settings.hparams)
-        tasks = [TaskInfo(index=t.index, name=t.name, kind=t.kind, num_tasks=len(plan.tasks), class_names=t.classes,
-                          templates=t.templates, steps=t.steps) for t in plan.tasks]
+        tasks = [task_info(plan, t) for t in plan.tasks]
         with autocast():
             features = method.initial_model_features(tasks)
         if rank == 0 and features:
@@ -499,18 +498,23 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha1(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def task_info(plan: RunPlan, task: TaskPlan, train_samples: int = 0):
+    """What the method may know of `task` (methods.TaskInfo)."""
+    from methods import TaskInfo
+
+    return TaskInfo(index=task.index, name=task.name, kind=task.kind, num_tasks=len(plan.tasks),
+                    class_names=task.classes, templates=task.templates, steps=task.steps, train_samples=train_samples)
+
+
 def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, optimizer_state, progress: Progress,
                tracker, reporter, autocast):
     """before_task -> `task.steps` optimizer steps -> after_task. Returns the optimizer."""
-    from methods import TaskInfo
     from methods.distributed import average_gradients
     from methods.models import set_train_mode
 
     config, settings = plan.config, task.settings
     torch.manual_seed(config.train.seed * 1000 + task.index)  # a task's randomness does not depend on how we got here
-    info = TaskInfo(index=task.index, name=task.name, kind=task.kind, num_tasks=len(plan.tasks),
-                    class_names=task.classes, templates=task.templates, steps=task.steps,
-                    train_samples=data.train_samples(task))
+    info = task_info(plan, task, train_samples=data.train_samples(task))
     method.set_hparams(settings.hparams)
     method.before_task(info)
     parameters = method.trainable_parameters()
