@@ -252,10 +252,10 @@ def pretrain_config(values: dict[str, Any], flag_prefix: str = "--") -> Pretrain
         raise ConfigError("pretrain " + "; ".join(problems)) from None
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {path}: {msg}")
     return f"invalid run config ({source}):\n" + "\n".join(lines)
@@ -337,9 +337,11 @@ def load_base_config(base: str | dict, *, source: str, relative_to: Path | None,
         except ConfigError as err:
             raise error(f"{source}: base: {err}") from None
     try:
-        return _validate(dict(base), f"{source}: base")
-    except ConfigError as err:
-        raise error(str(err).replace("\n  ", "\n  base.")) from None
+        return RunConfig(**base)
+    except ValidationError as err:
+        raise error(_format_errors(err, f"{source}: base", prefix="base.")) from None
+    except (KeyError, ValueError) as err:  # unknown method / hparams raised inside a validator
+        raise error(f"invalid run config ({source}: base):\n  {err}") from None
 
 
 def as_data(config: RunConfig) -> dict:
