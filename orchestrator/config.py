@@ -341,7 +341,7 @@ def load_base_config(base: str | dict, *, source: str, relative_to: Path | None,
     except ValidationError as err:
         raise error(_format_errors(err, f"{source}: base", prefix="base.")) from None
     except (KeyError, ValueError) as err:  # unknown method / hparams raised inside a validator
-        raise error(f"invalid run config ({source}: base):\n  {err}") from None
+        raise error(f"invalid run config ({source}: base):\n  base.{err}") from None  # err names its field
 
 
 def as_data(config: RunConfig) -> dict:
