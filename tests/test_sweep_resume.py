@@ -38,15 +38,18 @@ def test_kill_9_of_the_driver_then_resume_finishes_the_sweep_without_rerunning(d
     from mlflow.tracking import MlflowClient
 
     # Two trials, one at a time, on two tasks; the second task is long (per_task), so the driver is
-    # killed while the second trial trains it, after its first task's checkpoint reached Tune.
+    # killed while the second trial trains it, after its first task's checkpoint reached Tune. Long
+    # enough to outlast that wait (Tune records its state every few seconds): at 400 steps, once the
+    # CPU optimizer was fused (about 8 s a task), the task could end, log its scores to MLflow and be
+    # killed before Tune took its result, and the resumed trial then scored task 2 a second time.
     storage = tmp_path / "sweeps"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = {
         "name": "driver-kill",
         "base": {"stream": str(three_task_digits(digits_manifest, tmp_path, count=2)), "model": {"name": "vlcl-tiny"},
                  "method": {"name": "finetune"},
-                 "train": {"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 100, "log_every_steps": 2},
-                 "per_task": {"1": {"train.max_steps_per_task": 400}},
+                 "train": {"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 400, "log_every_steps": 50},
+                 "per_task": {"1": {"train.max_steps_per_task": 2500}},
                  "tracking": {"uri": uri, "experiment": "driver-kill", "checkpoints": "none"},
                  "output_dir": str(tmp_path / "runs")},
         "use_default_space": False,
