@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """The same autocast vlcl's loop uses (orchestrator.trainer._autocast) for an explicit precision."""
+    """The same autocast vlcl's loop uses (orchestrator.trainer.autocast_for) for an explicit precision."""
     if precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext

@@ -13,7 +13,7 @@ import time
 def main() -> None:
     from methods import METHODS
     from orchestrator.config import load_run_config
-    from orchestrator.trainer import run_sequence
+    from orchestrator.run import run_sequence
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("methods", nargs="*", help="methods to run (default: all that need no reference data)")

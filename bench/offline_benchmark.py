@@ -100,7 +100,7 @@ def finished_methods(mlflow_client, experiment_id: str, parent_id: str, workdir:
     """method -> SequenceResult of the parent's child runs that FINISHED, rebuilt from MLflow."""
     import json
 
-    from orchestrator.trainer import SequenceResult
+    from orchestrator.run import SequenceResult
 
     results = {}
     children = mlflow_client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     from methods import METHODS
     from orchestrator import tracking
     from orchestrator.config import load_run_config
-    from orchestrator.trainer import find_resumable, run_sequence
+    from orchestrator.run import find_resumable, run_sequence
     from streams.builtin import default_data_root, open_stream
 
     methods = args.methods or DEFAULT_METHODS

@@ -2,7 +2,7 @@
 
 (a) the plain loop: the model, a synthetic batch already on the device, AdamW (fused),
     autocast at --precision, CLIP's contrastive loss; img/s after warm-up.
-(b) `vlcl run`'s training phase (orchestrator.trainer.run_sequence, fine-tuning with the
+(b) `vlcl run`'s training phase (orchestrator.run.run_sequence, fine-tuning with the
     contrastive task loss) on real JPEG webdataset shards: sklearn digits upscaled to the model's
     image size, written with streams.writer as a one-task stream. Its img/s is the
     `train/images_per_second` metric the trainer logs to MLflow (a temporary sqlite store); it
@@ -193,7 +193,7 @@ def vlcl_training(args, manifest: Path, workdir: Path, device: torch.device, dec
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import load_run_config
-    from orchestrator.trainer import run_sequence
+    from orchestrator.run import run_sequence
 
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     workdir = workdir / f"decode-{decode}"

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_run(args) -> int:
     from orchestrator.config import load_run_config
-    from orchestrator.trainer import run_sequence
+    from orchestrator.run import run_sequence
 
     config = load_run_config(args.config, args.overrides)
     result = run_sequence(config, resume=args.resume, verbose=args.verbose)

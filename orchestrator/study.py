@@ -129,7 +129,7 @@ def study_trial(trial_params: dict, *, runs: list[dict]) -> None:
     """The Tune function trainable: one run of the study, in its own MLflow run."""
     from ray import tune
 
-    from orchestrator.trainer import run_sequence
+    from orchestrator.run import run_sequence
 
     run = runs[trial_params["run"]]
     result = run_sequence(RunConfig(**run["config"]), quiet=True,

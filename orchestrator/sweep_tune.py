@@ -194,7 +194,7 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
     from ray import tune
     from ray.util.queue import Queue
 
-    from orchestrator.trainer import run_sequence
+    from orchestrator.run import run_sequence
 
     context = tune.get_context()
     trial_id = context.get_trial_id()

@@ -96,7 +96,7 @@ def task_dataset(urls: list[str], image_size: int, tokenizer_factory: Callable[[
     `decoders` is the number of decoding actors (each holds one tokenizer), each reserving
     `decoder_cpus` CPUs, and each read task (tar bytes to rows) `read_cpus`: lower them where
     training workers hold most cores, since a read task that cannot get its CPU stalls the whole
-    pipeline (`orchestrator.trainer.streaming_cpus` sizes them). `ship_encoded`: rows carry
+    pipeline (`orchestrator.run.streaming_cpus` sizes them). `ship_encoded`: rows carry
     the encoded image (`encoded`) instead of `pixels`, for `streams.image_decode.decode_batch` on the
     training device.
     """

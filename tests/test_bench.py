@@ -66,7 +66,7 @@ def test_throughput_prints_both_loops_and_their_ratio(ray_session, tmp_path, cap
 def test_offline_benchmark_table_has_the_start_row_and_each_method():
     import offline_benchmark
 
-    from orchestrator.trainer import SequenceResult
+    from orchestrator.run import SequenceResult
 
     start = [0.30, 0.20]
     result = SequenceResult(run_id="r", experiment_id="e", tasks=["a", "b"],

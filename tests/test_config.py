@@ -126,7 +126,7 @@ def test_unreachable_mlflow_server_fails_fast():
 
 
 def test_streaming_cpus_leave_the_read_tasks_a_share_of_the_spare_cpus():
-    from orchestrator.trainer import streaming_cpus
+    from orchestrator.run import streaming_cpus
 
     config = load_run_config(None, ["data.cache=never"])
     # A laptop: 2 CPUs, one training worker. The decoder must not take the last core from the readers.
@@ -186,7 +186,7 @@ def test_a_run_that_loses_the_race_for_the_streams_dataset_row_logs_its_input_on
 
 def test_one_worker_on_a_laptop_trains_in_process_and_everything_else_on_ray(digits_manifest, monkeypatch):
     from orchestrator.plan import build_plan
-    from orchestrator.trainer import resolve_launch
+    from orchestrator.run import resolve_launch
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 

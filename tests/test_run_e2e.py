@@ -4,7 +4,7 @@ import json
 import pytest
 
 from orchestrator.config import load_run_config
-from orchestrator.trainer import run_sequence
+from orchestrator.run import run_sequence
 from streams.manifest import load_stream, write_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

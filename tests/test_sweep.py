@@ -349,7 +349,7 @@ def test_trials_share_one_zero_shot_row_and_it_is_the_row_each_would_compute(fin
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import with_overrides
-    from orchestrator.trainer import run_sequence
+    from orchestrator.run import run_sequence
     from streams.manifest import load_stream
 
     plan, result = finished_sweep
@@ -417,8 +417,9 @@ def test_zscl_trials_share_the_initial_models_reference_text_features_and_they_e
     from orchestrator.config import with_overrides
     from orchestrator.data import WorkerData
     from orchestrator.plan import build_plan
+    from orchestrator.run import run_sequence
     from orchestrator.sweep import run_sweep
-    from orchestrator.trainer import run_sequence, tensor_digest
+    from orchestrator.trainer import tensor_digest
 
     manifest = three_task_digits(digits_manifest, tmp_path, count=2)
     raw = {

@@ -113,7 +113,7 @@ def test_the_weak_trial_continues_from_the_strong_trials_teacher_memory_and_matr
 def test_a_trials_schedule_replays_as_one_run_with_the_same_matrix(pbt_sweep):
     from orchestrator.config import with_overrides
     from orchestrator.sweep_config import pbt_keys, schedule_config
-    from orchestrator.trainer import run_sequence
+    from orchestrator.run import run_sequence
 
     plan, result, folder = pbt_sweep
     exploited = next(t for t in result.trials if t.exploited_from)

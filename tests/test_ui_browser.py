@@ -42,7 +42,7 @@ pytestmark = [
 def trained_runs(ray_session, digits_manifest, tmp_path_factory):
     """Two methods, one seed each, on the first two digit tasks, in a private sqlite store."""
     from orchestrator.config import load_run_config
-    from orchestrator.trainer import run_sequence
+    from orchestrator.run import run_sequence
     from streams.manifest import load_stream, write_manifest
 
     spec = load_stream(digits_manifest)
