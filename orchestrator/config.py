@@ -69,11 +69,11 @@ class TrainConfig(_Section):
     log_every_steps: int = Field(10, ge=1, description="log training losses every N optimizer steps")
     max_failures: int = Field(0, ge=-1, description="worker failures to recover from (restarts at the last finished task)")
     launch: Literal["auto", "in_process", "ray"] = Field(
-        "auto", description="where training runs: in_process (this process, through Ray Train's local mode: no Ray "
-                            "start, no worker actors) or ray (Ray Train worker actors); auto: in_process for one "
-                            "worker whose tasks are all kept decoded, when no cluster is named ($RAY_ADDRESS) and the "
-                            "run is not itself inside Ray (sweep and study trials), else ray. The same matrix either way "
-                            "(losses to float rounding: a Ray worker uses train.cpus_per_worker threads)")
+        "auto", description="where training runs: in_process (this process: no Ray start, no worker actors) or ray "
+                            "(Ray Train worker actors); auto: in_process for one worker whose tasks are all kept "
+                            "decoded, when no cluster is named ($RAY_ADDRESS) or the run is a sweep's or study's trial "
+                            "(it trains in the trial's own process), else ray. The same matrix either way (losses to "
+                            "float rounding: a Ray worker or trial uses train.cpus_per_worker threads)")
 
 
 class DataConfig(_Section):

@@ -1,7 +1,7 @@
 """One continual run, from the driver's side: plan, MLflow run, where it trains, result.
 
 `run_sequence` builds the typed plan (everything that can fail does, before Ray starts), opens
-or continues the MLflow run, trains the sequence in this process (Ray Train's local mode) or on
+or continues the MLflow run, trains the sequence in this process or on
 Ray Train workers (`resolve_launch`), draws the console and returns the result. What every worker
 runs, task after task, is `orchestrator.trainer.train_sequence`. A run folder's state files and
 task checkpoints are how `--resume` finds where to continue (`find_resumable`, `latest_checkpoint`).
@@ -21,7 +21,7 @@ import torch
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.metrics import summarize, summarize_control
 from orchestrator.plan import FaultInjection, Progress, RunPlan
-from orchestrator.trainer import train_sequence
+from orchestrator.trainer import InProcessWorker, train_sequence
 
 
 @dataclass
@@ -44,29 +44,29 @@ class SequenceResult:
 
 def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | None = None,
                  parent_run_id: str | None = None, run_name_suffix: str = "", extra_tags: dict | None = None,
-                 ray_callbacks: list | None = None, shared=None, tune_gate=None, quiet: bool = False,
-                 verbose: bool = False) -> SequenceResult:
+                 ray_callbacks: list | None = None, shared=None, tune_gate=None, task_report=None,
+                 quiet: bool = False, verbose: bool = False) -> SequenceResult:
     """Train and evaluate `config`'s method over its stream; everything lands in MLflow.
 
     `resume`: continue the last unfinished run of this config (its MLflow run and its latest
     checkpoint, or `resume_from` when given). `resume_from` alone: start from a task checkpoint
     directory instead of from scratch (a PBT exploit), in a new MLflow run. `shared`: a sweep's
     SharedValues actor (the zero-shot row and the method's initial-model features are computed by
-    the first trial that needs them). `tune_gate`: a sweep trial's queue; after each task's report
-    training waits for an item, which the trial puts once Tune continues it (`wait_for_tune`).
-    `quiet`: no console (tests, sweep trials)."""
-    from methods.models import build_model
+    the first trial that needs them). A sweep trial on Ray Train workers passes `ray_callbacks` (its
+    reports reach Tune through the Train controller) and `tune_gate`, a queue: after each task's
+    report training waits for an item, which the trial puts once Tune continues it
+    (`wait_for_tune`). A trial in its own process passes `task_report` instead, which hands each
+    task's metrics and checkpoint to Tune directly (`trainer.report_task`). `quiet`: no console
+    (tests, sweep trials)."""
     from orchestrator.console import Console, library_logs_to, sink_drain, start_progress_sink
-    from orchestrator.plan import build_plan
     from orchestrator.runtime import cluster_has_gpus, ensure_ray
     from orchestrator.tracking import Tracker, check_reachable, default_run_name, resolve_tracking_uri
 
     started = time.time()
     uri = resolve_tracking_uri(config)
     check_reachable(uri)  # before any data or Ray work
-    image_size = build_model(config.model.name, config.model.pretrained).image_size  # a bad model fails here
-    plan = build_plan(config, image_size)
-    launch = resolve_launch(plan, for_sweep=bool(ray_callbacks or shared or tune_gate))
+    plan = plan_run(config)
+    launch = resolve_launch(plan)
     output = Path(config.output_dir)
     run_name = default_run_name(config, plan.stream_name) + run_name_suffix
     state = find_resumable(output, run_name) if resume else None
@@ -104,17 +104,17 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
                 console.header(run_header(plan, tracker, resume_from, log_file))
             with console or contextlib.nullcontext():
                 if launch == "in_process":
-                    result = fit_in_process(plan)
+                    result = fit_in_process(plan, task_report)
                 else:
                     result = fit_on_ray(plan, ray_name, ray_callbacks)
+        except SystemExit:
+            # Tune ends a trial it stops or pauses this way, in the report that asked: the sweep decides
+            # how the trial's run ends (sweep._attach_child_runs), and a paused trial continues it.
+            raise
         except BaseException:
             tracker.finish("FAILED")
             raise
-        if result.checkpoint is not None:
-            with result.checkpoint.as_directory() as directory:
-                progress = Progress.from_json((Path(directory) / "progress.json").read_text())
-        else:  # resumed from a checkpoint that had every task done: nothing was trained or reported
-            progress = Progress.from_json((Path(plan.resume_from) / "progress.json").read_text())
+        progress = final_progress(plan, result)
         summary = {k: v for k, v in (summarize(progress.matrix) | summarize_control(progress.control)).items()
                    if not math.isnan(v)}
         write_state(output / "runs" / f"{ray_name}.json", {**run_state, "finished": True})
@@ -131,14 +131,24 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
                           log_file=str(log_file))
 
 
-def resolve_launch(plan: RunPlan, for_sweep: bool = False) -> str:
+def plan_run(config: RunConfig) -> RunPlan:
+    """The typed plan of `config` (orchestrator.plan.build_plan at the model's image size)."""
+    from methods.models import build_model
+    from orchestrator.plan import build_plan
+
+    image_size = build_model(config.model.name, config.model.pretrained).image_size  # a bad model fails here
+    return build_plan(config, image_size)
+
+
+def resolve_launch(plan: RunPlan, trial: bool = False) -> str:
     """train.launch made concrete: "in_process" or "ray" (see the field's description).
 
-    In-process training is Ray Train's local mode: the same `train_sequence` in the driver's own
-    process, so a laptop run pays neither Ray's start nor a worker actor's (imports, model, data),
-    about 20 s of a small run. It needs the data in the process (no Ray Data) and one worker; a
-    named cluster, or a run that is itself a Ray actor (a sweep's or a study's trial), trains on
-    Ray Train workers, which the trial's reservation holds."""
+    In-process training is the same `train_sequence` in the run's own process, so a run pays
+    neither a worker group's start nor a worker actor's (imports, model, data), about 20 s of a
+    small run, and on a laptop no Ray start either. It needs the data in the process (no Ray Data)
+    and one worker. A named cluster ($RAY_ADDRESS) trains on Ray Train
+    workers, except in a sweep's or a study's trial (`trial`): the trial is itself a process on the
+    cluster, and its reservation holds the worker's CPUs and GPU (`sweep_tune.trial_resources`)."""
     import os
 
     config = plan.config
@@ -148,40 +158,43 @@ def resolve_launch(plan: RunPlan, for_sweep: bool = False) -> str:
             raise ConfigError(f"train.launch: in_process keeps every task decoded in this process, but "
                               f"{streamed} stream through Ray Data (data.cache={config.data.cache!r}, tasks over the "
                               "cache limit): set train.launch=ray, or data.cache=always if they fit in memory")
-        if for_sweep:
-            raise ConfigError("train.launch: in_process is for single runs; a sweep's trials train on Ray Train "
-                              "workers: set train.launch=auto or ray")
         return "in_process"
     if config.train.launch == "ray":
         return "ray"
-    inside_ray = False
-    if not for_sweep:
-        import ray
-
-        inside_ray = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-    local = (config.train.num_workers == 1 and not streamed and not os.environ.get("RAY_ADDRESS")
-             and not for_sweep and not inside_ray)
+    local = config.train.num_workers == 1 and not streamed and (trial or not os.environ.get("RAY_ADDRESS"))
     return "in_process" if local else "ray"
 
 
-def fit_in_process(plan: RunPlan):
-    """`train_sequence` in this process (Ray Train's local mode), restarting from the last task
-    checkpoint after a failure as Ray Train's FailureConfig does on workers (train.max_failures)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+def fit_in_process(plan: RunPlan, task_report=None) -> None:
+    """`train_sequence` in this process, its only worker, restarting from the last task checkpoint
+    after a failure as Ray Train's FailureConfig does on workers (train.max_failures). No Ray Train:
+    its local mode would give the loop nothing it needs (rank 0 of 1, nothing to copy), and inside
+    a Tune trial its functions refuse to run. `task_report`: where each task's report goes (a sweep
+    trial's: to Tune)."""
     failures = 0
     while True:
-        trainer = TorchTrainer(functools.partial(train_sequence, plan),
-                               scaling_config=ray.train.ScalingConfig(num_workers=0))
         try:
-            return trainer.fit()
+            return train_sequence(plan, InProcessWorker(task_report))
         except Exception:
             limit = plan.config.train.max_failures
             if limit != -1 and failures >= limit:
                 raise
             failures += 1
             plan = replace(plan, resume_from=latest_checkpoint(Path(plan.checkpoint_root)) or plan.resume_from)
+
+
+def final_progress(plan: RunPlan, result) -> Progress:
+    """The progress record of the run's last task checkpoint: the one the fit reported last (in
+    this process, the run folder's newest), or the one it resumed from when every task was already
+    done."""
+    if plan.launch == "in_process":
+        directory = latest_checkpoint(Path(plan.checkpoint_root)) or plan.resume_from
+    elif result.checkpoint is not None:
+        with result.checkpoint.as_directory() as directory:
+            return Progress.from_json((Path(directory) / "progress.json").read_text())
+    else:
+        directory = plan.resume_from
+    return Progress.from_json((Path(directory) / "progress.json").read_text())
 
 
 def fit_on_ray(plan: RunPlan, ray_name: str, ray_callbacks: list | None):
@@ -192,7 +205,7 @@ def fit_on_ray(plan: RunPlan, ray_name: str, ray_callbacks: list | None):
     config = plan.config
     datasets, skip_counter = streamed_datasets(plan)
     trainer = TorchTrainer(
-        functools.partial(train_sequence, plan, skip_counter),  # Ray calls it with no arguments
+        functools.partial(train_sequence, plan, skip_counter=skip_counter),  # Ray calls it with no arguments
         scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=plan.use_gpu,
                                                resources_per_worker={"CPU": config.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=ray_name, storage_path=config.output_dir,

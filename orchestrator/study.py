@@ -2,9 +2,10 @@
 
 Papers report a method as mean ± std over seeds and over task orders (MTIL's Order I and II). A
 study file names the axes; each combination is one Tune trial that runs one whole task sequence
-(`run_sequence`), on the same cluster path as `vlcl sweep`. All runs go to one MLflow experiment
-(the study's name) with run names `<method>-<stream>-<order>-s<seed>`, so `vlcl report` groups
-them by method and order and prints mean ± std over the seeds.
+(`run_sequence`; a one-worker run in its trial's own process), on the same cluster path as
+`vlcl sweep`. All runs go to one MLflow experiment (the study's name) with run names
+`<method>-<stream>-<order>-s<seed>`, so `vlcl report` groups them by method and order and prints
+mean ± std over the seeds.
 
     name: digits-orders
     base: {stream: builtin:digits, train: {max_steps_per_task: 30}}   # a run config path or mapping
@@ -167,13 +168,16 @@ def _run_grid(plan: StudyPlan, uri: str, storage: Path, address: str | None) -> 
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from orchestrator.run import plan_run, resolve_launch
     from orchestrator.runtime import ensure_ray
-    from orchestrator.sweep_tune import derive_max_concurrent_trials, trial_process_resources
+    from orchestrator.sweep_tune import derive_max_concurrent_trials, trial_reservation
 
     ensure_ray(address)
     # Trials run in other processes (and folders): give them the resolved store, not "./mlflow.db".
-    runs = [{"config": as_data(with_overrides(r.config, {"tracking.uri": uri})), "study": plan.name, "order": r.order}
-            for r in plan.runs]
+    # A one-worker run trains in its trial's process, which then holds the worker's CPUs and GPU.
+    launch = resolve_launch(plan_run(plan.runs[0].config), trial=True)
+    runs = [{"config": as_data(with_overrides(r.config, {"tracking.uri": uri, "train.launch": launch})),
+             "study": plan.name, "order": r.order} for r in plan.runs]
     train = plan.runs[0].config.train
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if train.use_gpu == "auto" else bool(train.use_gpu)
     per_trial = {"CPU": train.num_workers * train.cpus_per_worker, "GPU": float(train.num_workers) if use_gpu else 0.0}
@@ -204,7 +208,7 @@ def _run_grid(plan: StudyPlan, uri: str, storage: Path, address: str | None) -> 
                                  f"({time.time() - self.started:.0f} s)\n")
             sys.__stdout__.flush()
 
-    trainable = tune.with_resources(tune.with_parameters(study_trial, runs=runs), trial_process_resources(0.0))
+    trainable = tune.with_resources(tune.with_parameters(study_trial, runs=runs), trial_reservation(per_trial, launch, 0.0))
     tuner = tune.Tuner(trainable, param_space={"run": tune.grid_search(list(range(len(runs))))},
                        tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=max_concurrent)),
                        run_config=tune.RunConfig(name=plan.name, storage_path=str(storage), verbose=0,

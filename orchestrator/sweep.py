@@ -1,8 +1,9 @@
 """Hyperparameter sweeps where one trial is one whole task sequence (`vlcl sweep SWEEP.yaml`).
 
-Every trial runs `run_sequence` (a Ray Train TorchTrainer over all tasks) inside a Ray Tune
-function trainable; the trainer's per-task reports reach Tune through a Train callback that also
-computes the sweep's objective. ASHA compares trials at task boundaries (`time_attr="task"`), and
+Every trial runs `run_sequence` (all tasks) inside a Ray Tune function trainable: a one-worker
+trial trains in that process and reports each task, with the sweep's objective, to Tune itself;
+a trial with more workers drives a Ray Train worker group, whose reports reach Tune through a
+Train callback. ASHA compares trials at task boundaries (`time_attr="task"`), and
 stop rules end trials whose forgetting or zero-shot drop passes a bound. MLflow: the sweep is a
 parent run, each trial a child run; the parent ends with the leaderboard, the best config and a
 plot of the objective per task for every trial.
@@ -42,7 +43,7 @@ from orchestrator.sweep_config import (ParamSpec, SweepError, SweepPlan, load_sw
 from orchestrator.sweep_objective import (OBJECTIVE_KEY, ZERO_SHOT_DROP_KEY, TrialOutcome, finite, plot_objective_per_task,
                                         rank_trials)
 from orchestrator.sweep_tune import (derive_max_concurrent_trials, orphaned_reservation_releaser, run_trial,
-                                     stop_rule_stopper, trial_process_resources, trial_resources, tune_trial_states,
+                                     stop_rule_stopper, trial_reservation, trial_resources, tune_trial_states,
                                      tune_config, tune_param_space)
 
 SWEEP_STATE_FILE = "vlcl_sweep.json"
@@ -159,6 +160,7 @@ def _run_sweep(plan: SweepPlan, sweep_id: str, state_dir: Path, *, resume: bool,
     from ray import tune
 
     from orchestrator import tracking
+    from orchestrator.run import plan_run, resolve_launch
     from orchestrator.runtime import ensure_ray, start_shared_values
     from streams.builtin import open_stream
 
@@ -181,12 +183,15 @@ def _run_sweep(plan: SweepPlan, sweep_id: str, state_dir: Path, *, resume: bool,
     experiment_id, parent_run_id = tracker.experiment_id, tracker.run_id
 
     # Trials run in other processes (and folders): give them the resolved store, not "./mlflow.db".
-    base = with_overrides(plan.base, {"tracking.uri": uri})
+    # Where they train is decided here, for the reservation to hold it: a one-worker trial trains in
+    # its own process, as `vlcl run` does; more workers (or streamed data) on Ray Train workers.
+    launch = resolve_launch(plan_run(plan.base), trial=True)
+    base = with_overrides(plan.base, {"tracking.uri": uri, "train.launch": launch})
     trainable = tune.with_parameters(run_trial, base=as_data(base), objective=plan.config.objective.model_dump(),
                                      num_tasks=num_tasks, sweep_id=sweep_id, parent_run_id=parent_run_id,
                                      shared=start_shared_values() if plan.config.share_starting_model_results else None)
     per_trial = trial_resources(plan, ray.cluster_resources().get("GPU", 0) > 0)
-    trainable = tune.with_resources(trainable, trial_process_resources(plan.config.resources.trial_cpus))
+    trainable = tune.with_resources(trainable, trial_reservation(per_trial, launch, plan.config.resources.trial_cpus))
     max_concurrent = plan.config.resources.max_concurrent_trials or derive_max_concurrent_trials(
         per_trial, ray.cluster_resources())
     if plan.config.scheduler.type == "pbt" and max_concurrent < population_size(plan):

@@ -137,9 +137,51 @@ def stop_rule_stopper(rules: list[StopRule]):
     return StopRuleStopper(rules)
 
 
+def tune_result(metrics: dict, objective: ObjectiveSettings, num_tasks: int) -> dict:
+    """A task's report as Tune takes it: the metrics, the sweep's objective, and `done` after the
+    last task (Tune consults no scheduler on a result marked done: PBT would pause and perturb a
+    trial with nothing left to train)."""
+    result = dict(metrics)
+    result.update(derived_metrics(result, objective))
+    result["done"] = result.get("task", 0) >= num_tasks
+    return result
+
+
+class TuneTaskReport:
+    """The reporting point of a trial that trains in its own process (`trainer.report_task` calls
+    it after each task): the task's metrics with the objective and its checkpoint go to Tune, as
+    `tune.report`, which copies the checkpoint to the trial's storage and returns once Tune
+    continues the trial (when Tune stops or pauses it instead, it ends the trial there).
+
+    The last task's report waits for the run to end (`final`, which `run_trial` reports after
+    `run_sequence` returns): Tune ends a trial at its result marked done, and the run would lose
+    what it does at its end (the final matrix, the log, its FINISHED status)."""
+
+    def __init__(self, objective: ObjectiveSettings, num_tasks: int):
+        self.objective, self.num_tasks = objective, num_tasks
+        self.final: tuple[dict, str] | None = None
+
+    def __call__(self, metrics: dict, directory: str | None) -> None:
+        from ray import tune
+
+        result = tune_result(metrics, self.objective, self.num_tasks)
+        if result["done"]:
+            self.final = (result, directory)
+            return
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+    def report_final(self) -> None:
+        from ray import tune
+
+        if self.final is not None:
+            result, directory = self.final
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+
 def objective_report_callback(objective: ObjectiveSettings, num_tasks: int, reports):
-    """A Train callback that hands each per-task report, with the objective added, and its task
-    checkpoint to the trial (through the `reports` queue), which reports both to Tune.
+    """For a trial on Ray Train workers: a Train callback that hands each per-task report, with the
+    objective added, and its task checkpoint to the trial (through the `reports` queue), which
+    reports both to Tune.
 
     Run by Ray Train's controller after every `ray.train.report`. Ray's own TuneReportCallback
     forwards only the metrics (the checkpoint's path as one of them), so Tune would hold no
@@ -148,12 +190,8 @@ def objective_report_callback(objective: ObjectiveSettings, num_tasks: int, repo
 
     class ObjectiveReportCallback(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            first = dict(metrics[0])
-            first.update(derived_metrics(first, objective))
-            # The last task ends the trial: Tune consults no scheduler on a result marked done (PBT
-            # would pause and perturb a trial with nothing left to train).
-            first["done"] = first.get("task", 0) >= num_tasks
-            reports.put((first, checkpoint.path if checkpoint else None))  # blocks until the trial took the last
+            result = tune_result(metrics[0], objective, num_tasks)
+            reports.put((result, checkpoint.path if checkpoint else None))  # blocks until the trial took the last
 
     return ObjectiveReportCallback()
 
@@ -188,11 +226,10 @@ def orphaned_reservation_releaser():
 
 def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int, sweep_id: str,
               parent_run_id: str, shared=None) -> None:
-    """The Tune function trainable: one whole task sequence with this trial's hyperparameters."""
-    import threading
-
+    """The Tune function trainable: one whole task sequence with this trial's hyperparameters. It
+    trains in this process (`train.launch: in_process`, which the sweep sets for one-worker
+    trials) or on Ray Train workers that this process drives."""
     from ray import tune
-    from ray.util.queue import Queue
 
     from orchestrator.run import run_sequence
 
@@ -213,18 +250,40 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
             tasks_done = json.loads((Path(resume_from) / "progress.json").read_text())["tasks_done"]
             tags |= {"vlcl.exploited_from": donor.group(0) if donor else source_folder,
                      "vlcl.exploited_after_task": str(tasks_done)}
-    # The sequence runs in a thread; this one (Tune's) reports each task's metrics and checkpoint.
-    # Training holds after each task until Tune continues the trial (tune.report returns only then):
-    # a trial Tune stops or pauses at that result does not train a task it would throw away.
+    settings = ObjectiveSettings(**objective)
+    if config.train.launch == "in_process":
+        # tune.report returns only once Tune continues the trial: a trial it stops or pauses at that
+        # result trains no task it would throw away.
+        report = TuneTaskReport(settings, num_tasks)
+        run_sequence(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
+                     run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared, task_report=report, quiet=True)
+        report.report_final()
+        return
+    run_on_ray_train(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
+                     run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared, objective=settings,
+                     num_tasks=num_tasks)
+
+
+def run_on_ray_train(config: RunConfig, *, objective: ObjectiveSettings, num_tasks: int, **sequence_args) -> None:
+    """A trial on Ray Train workers. The sequence runs in a thread, whose Train controller hands
+    each task's report to this thread (Tune's), which reports it to Tune. Training holds after
+    each task until Tune continues the trial (tune.report returns only then): a trial Tune stops or
+    pauses at that result does not train a task it would throw away."""
+    import threading
+
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from orchestrator.run import run_sequence
+
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     gate = Queue(actor_options={"num_cpus": 0})
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            run_sequence(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
-                         run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared, tune_gate=gate,
-                         ray_callbacks=[objective_report_callback(ObjectiveSettings(**objective), num_tasks, reports)])
+            run_sequence(config, tune_gate=gate, ray_callbacks=[objective_report_callback(objective, num_tasks, reports)],
+                         quiet=True, **sequence_args)
         except BaseException as err:  # re-raised in Tune's thread below
             failure.append(err)
         finally:
@@ -242,11 +301,20 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
 
 
 def trial_resources(plan: SweepPlan, cluster_has_gpus: bool) -> dict[str, float]:
-    """What one trial holds at once: its own process plus its training workers."""
+    """What one trial holds at once: its own process plus its training workers (a one-worker trial
+    that trains in its own process holds both in one reservation: `trial_reservation`)."""
     train = plan.base.train
     use_gpu = cluster_has_gpus if train.use_gpu == "auto" else bool(train.use_gpu)
     return {"CPU": plan.config.resources.trial_cpus + train.num_workers * train.cpus_per_worker,
             "GPU": float(train.num_workers) if use_gpu else 0.0}
+
+
+def trial_reservation(per_trial: dict[str, float], launch: str, trial_cpus: float) -> dict[str, float]:
+    """What the trial's process reserves: all of `per_trial` when it trains in it (`in_process`);
+    else its own CPUs, while Ray Train reserves the workers'."""
+    if launch == "in_process":
+        return {kind: amount for kind, amount in per_trial.items() if amount > 0}
+    return trial_process_resources(trial_cpus)
 
 
 def trial_process_resources(trial_cpus: float) -> dict[str, float]:

@@ -28,13 +28,10 @@ from orchestrator.metrics import summarize, summarize_control
 from orchestrator.plan import FaultInjection, Progress, RunPlan, TaskPlan, initial_model_features_key, zero_shot_key
 
 
-def train_sequence(plan: RunPlan, skip_counter=None) -> None:
-    """Runs on every Ray Train worker (or in the driver's process, in Ray Train's local mode): the
-    whole task sequence of `plan`. `skip_counter`: the Ray Data readers' count of bad samples
-    they skipped (data.on_bad_sample=skip, streamed splits)."""
-    import ray.train
-    import ray.train.torch
-
+def train_sequence(plan: RunPlan, worker: RayTrainWorker | InProcessWorker | None = None, skip_counter=None) -> None:
+    """The whole task sequence of `plan`, on every Ray Train worker (`worker` None: this process is
+    one, `RayTrainWorker`) or in the run's own process (`InProcessWorker`). `skip_counter`: the Ray
+    Data readers' count of bad samples they skipped (data.on_bad_sample=skip, streamed splits)."""
     from methods import get_method
     from methods.distributed import all_reduce_sum, broadcast_parameters
     from methods.models import build_model
@@ -43,14 +40,9 @@ def train_sequence(plan: RunPlan, skip_counter=None) -> None:
     from orchestrator.tracking import Tracker
 
     config = plan.config
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if not plan.use_gpu:
-        device = torch.device("cpu")
-    elif plan.launch == "in_process":  # no Ray worker: the GPU torch picks (CUDA_VISIBLE_DEVICES decides)
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = ray.train.torch.get_device()
+    worker = worker or RayTrainWorker()
+    rank, world = worker.rank, worker.world_size
+    device = worker.device() if plan.use_gpu else torch.device("cpu")
 
     # -- setup, in dependency order: model -> method -> data -> restored state -> trackers --------
     torch.manual_seed(config.train.seed)
@@ -60,8 +52,7 @@ def train_sequence(plan: RunPlan, skip_counter=None) -> None:
     autocast = autocast_for(config, device)
     data = WorkerData(plan, rank, world, device, built.image_mean, built.image_std)
     progress, optimizer_state = Progress(), None
-    checkpoint = ray.train.get_checkpoint()
-    checkpoint_dir = checkpoint.to_directory() if checkpoint is not None else plan.resume_from
+    checkpoint_dir = worker.restart_checkpoint() or plan.resume_from
     if checkpoint_dir:
         progress, optimizer_state = restore_checkpoint(Path(checkpoint_dir), model, method)
     broadcast_parameters(model)
@@ -137,7 +128,7 @@ def train_sequence(plan: RunPlan, skip_counter=None) -> None:
                                 step=task.index + 1)
         reporter.evaluated(task.index, task.name, progress.matrix[-1], progress.control[-1], train_seconds)
         progress.tasks_done = task.index + 1
-        report_task(plan, progress, model, method, optimizer, rank, tracker, {"task": task.index + 1, **metrics})
+        report_task(plan, progress, model, method, optimizer, worker, tracker, {"task": task.index + 1, **metrics})
         if plan.fault:
             inject_fault(plan.fault, progress.tasks_done, rank)
         if plan.tune_gate is not None and progress.tasks_done < len(plan.tasks):
@@ -277,13 +268,13 @@ def train_task(task: TaskPlan, plan: RunPlan, method, model, data, optimizer, op
     return optimizer
 
 
-def report_task(plan: RunPlan, progress: Progress, model, method, optimizer, rank: int, tracker, metrics: dict) -> None:
-    """ray.train.report on every worker; rank 0 attaches the task checkpoint (and logs it to MLflow)."""
-    import ray.train
-
+def report_task(plan: RunPlan, progress: Progress, model, method, optimizer, worker, tracker, metrics: dict) -> None:
+    """Report the task on every worker; rank 0 attaches the task checkpoint (and logs it to MLflow).
+    On Ray Train workers the report goes to Ray Train; in a sweep trial that trains in its own
+    process, straight to Tune (sweep_tune.TuneTaskReport)."""
     config = plan.config
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+    if worker.rank != 0:
+        worker.report(metrics, None)
         return
     with checkpoint_directory(plan, progress.tasks_done) as directory:
         torch.save(model.state_dict(), Path(directory) / "model.pt")
@@ -297,14 +288,66 @@ def report_task(plan: RunPlan, progress: Progress, model, method, optimizer, ran
             tracker.log_dict({"tasks": progress.task_settings}, "task_settings.json")
         if tracker and (keep == "all" or (keep == "last" and progress.tasks_done == len(plan.tasks))):
             tracker.log_checkpoint(directory, progress.tasks_done)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        worker.report(metrics, directory)
+
+
+class RayTrainWorker:
+    """The loop on a Ray Train worker: its rank, world size and device from Ray Train's context, the
+    checkpoint Ray Train restarts it from after a worker failure (FailureConfig), and each task's
+    report to the Train controller, which copies the checkpoint to the run's storage."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def restart_checkpoint(self) -> str | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint is not None else None
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+class InProcessWorker:
+    """The loop in the run's own process, the only worker: no Ray Train (`vlcl run`, or a sweep's or
+    study's one-worker trial in its Tune trial's process, where Ray Train's functions refuse to run).
+    The GPU is the one torch picks (CUDA_VISIBLE_DEVICES decides); a restart after a failure starts
+    a new loop from the run folder's checkpoints (`run.fit_in_process`); each task's report goes to
+    `task_report` (a sweep trial's: to Tune) or nowhere (the tracker and the console have it)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, task_report=None):
+        self.task_report = task_report
+
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def restart_checkpoint(self) -> str | None:
+        return None
+
+    def report(self, metrics: dict, directory: str | None) -> None:
+        if self.task_report is not None:
+            self.task_report(metrics, directory)
 
 
 @contextlib.contextmanager
 def checkpoint_directory(plan: RunPlan, tasks_done: int):
     """Where rank 0 writes a task checkpoint. On Ray Train workers, a temporary folder that
-    `ray.train.report` copies to the run's storage; in-process, nobody copies it, so the run folder
-    itself (the layout `latest_checkpoint` reads either way)."""
+    `ray.train.report` copies to the run's storage; in-process, Ray Train copies nothing, so the run
+    folder itself (the layout `latest_checkpoint` reads either way; a sweep trial's Tune copies it
+    to the trial's storage as well)."""
     if plan.checkpoint_root is None:
         with tempfile.TemporaryDirectory() as directory:
             yield directory

@@ -35,4 +35,4 @@ def test_a_healthy_run_prints_header_progress_rows_and_matrix_and_no_warning(dig
                                                                      "Traceback", "Downloading", "%|"))]
     assert not noisy, noisy
     log = next((tmp_path / "runs").glob("*/vlcl.log"))
-    assert "Reported metrics" in log.read_text()  # the libraries' lines went to the run's log file
+    assert "Creating initial MLflow database tables" in log.read_text()  # the libraries' lines went to the log file

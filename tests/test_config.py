@@ -190,21 +190,21 @@ def test_one_worker_on_a_laptop_trains_in_process_and_everything_else_on_ray(dig
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
-    def launch(*overrides, for_sweep=False):
+    def launch(*overrides, trial=False):
         return resolve_launch(build_plan(load_run_config(None, [f"stream={digits_manifest}", *overrides]), 32),
-                              for_sweep=for_sweep)
+                              trial=trial)
 
     assert launch() == "in_process"
     assert launch("train.num_workers=2") == "ray"  # data-parallel workers are Ray Train actors
     assert launch("data.cache=never") == "ray"  # streamed training splits come from Ray Data
-    assert launch(for_sweep=True) == "ray"  # a trial's reservation holds its workers
-    assert launch("train.launch=ray") == "ray"
+    assert launch(trial=True) == "in_process"  # a one-worker trial trains in its own process
+    assert launch("train.num_workers=2", trial=True) == "ray"
+    assert launch("train.launch=ray") == "ray" and launch("train.launch=ray", trial=True) == "ray"
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a named cluster trains on its nodes
     assert launch() == "ray" and launch("train.launch=in_process") == "in_process"
+    assert launch(trial=True) == "in_process"  # ... but a trial is already a process on one of them
     with pytest.raises(ConfigError, match=r"train.launch: in_process .* stream through Ray Data .*data.cache"):
         launch("train.launch=in_process", "data.cache=never")
-    with pytest.raises(ConfigError, match=r"train.launch: in_process is for single runs"):
-        launch("train.launch=in_process", for_sweep=True)
     with pytest.raises(ConfigError, match=r"train.launch: in_process trains in this one process; "
                                           r"train.num_workers is 2"):
         load_run_config(None, ["train.launch=in_process", "train.num_workers=2"])

@@ -19,7 +19,7 @@ from orchestrator.sweep_config import (
     run_config_key,
 )
 from orchestrator.sweep_objective import OBJECTIVE_KEY, ZERO_SHOT_DROP_KEY, TrialOutcome, derived_metrics, rank_trials
-from orchestrator.sweep_tune import derive_max_concurrent_trials, trial_resources, tune_param_space
+from orchestrator.sweep_tune import derive_max_concurrent_trials, trial_reservation, trial_resources, tune_param_space
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = {"stream": "builtin:digits", "model": {"name": "vlcl-tiny"}, "method": {"name": "finetune"},
@@ -116,6 +116,15 @@ def test_max_concurrent_trials_from_cluster_resources():
     cpu_plan = plan_sweep({"base": TINY_BASE, "resources": {"cpus_per_worker": 0.5, "trial_cpus": 0.5}})
     assert derive_max_concurrent_trials(trial_resources(cpu_plan, cluster_has_gpus=False), {"CPU": 2.0}) == 2
     assert plan_sweep({"base": TINY_BASE}).config.resources.trial_cpus == 0.0
+    # Where the trial trains decides what its own process reserves: in it, all of it; beside Ray
+    # Train's workers, its own CPUs only (one byte of memory where it holds none: Tune refuses zero).
+    one_worker = trial_resources(cpu_plan, cluster_has_gpus=False)
+    assert trial_reservation(one_worker, "in_process", 0.5) == {"CPU": 1.0}
+    assert trial_reservation(one_worker, "ray", 0.5) == {"CPU": 0.5}
+    assert trial_reservation(one_worker, "ray", 0.0) == {"memory": 1.0}
+    gpu_plan = plan_sweep({"base": TINY_BASE, "resources": {"cpus_per_worker": 4, "use_gpu": True, "trial_cpus": 1}})
+    assert trial_reservation(trial_resources(gpu_plan, cluster_has_gpus=True), "in_process", 1.0) == \
+        {"CPU": 5.0, "GPU": 1.0}
 
 
 def test_ranking_puts_completed_trials_first_by_final_objective():
@@ -261,13 +270,41 @@ def finished_sweep(ray_session, digits_manifest, tmp_path_factory):
         "storage_path": str(folder / "sweeps"),
     }
     plan = plan_sweep(raw, source="test sweep")
-    return plan, run_sweep(plan, quiet=True)
+    before = ray_train_actors()
+    result = run_sweep(plan, quiet=True)
+    return plan, result, {actor: name for actor, name in ray_train_actors().items() if actor not in before}
+
+
+def ray_train_actors() -> dict[str, str]:
+    """Actor id -> class name of every Ray Train controller and worker the Ray instance has had
+    (the GCS keeps dead actors' records too)."""
+    from ray._private.state import actors
+
+    return {actor_id: info["ActorClassName"] for actor_id, info in actors().items()
+            if info["ActorClassName"] in ("TrainController", "RayTrainWorker")}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_one_worker_trials_train_in_their_trial_process_without_a_train_worker_group(finished_sweep):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep_tune import trial_reservation, trial_resources
+
+    plan, result, train_actors = finished_sweep
+    client = MlflowClient(tracking_uri=plan.base.tracking.uri)
+    runs = [client.get_run(t.run_id) for t in result.trials]
+    assert [r.data.tags["vlcl.launch"] for r in runs] == ["in_process"] * 3
+    assert [r.data.params["train.launch"] for r in runs] == ["in_process"] * 3
+    assert train_actors == {}, "a trial started a Ray Train controller or worker"
+    # The trial's own reservation holds the worker's CPUs (0.5 here): one bundle, nothing beside it.
+    assert trial_reservation(trial_resources(plan, cluster_has_gpus=False), "in_process", 0.0) == {"CPU": 0.5}
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_stops_the_forgetting_trial_and_a_later_trial_still_runs(finished_sweep):
-    plan, result = finished_sweep
+    plan, result, _ = finished_sweep
     print(format_leaderboard(result))
     by_lr = {t.params["train.lr"]: t for t in result.trials}
     assert set(by_lr) == {1e-7, 1e-3, 3e-4} and result.num_tasks == 3
@@ -290,7 +327,7 @@ def test_sweep_stops_the_forgetting_trial_and_a_later_trial_still_runs(finished_
 def test_sweep_is_a_parent_run_with_child_trials_and_a_leaderboard(finished_sweep):
     from mlflow.tracking import MlflowClient
 
-    plan, result = finished_sweep
+    plan, result, _ = finished_sweep
     client = MlflowClient(tracking_uri=plan.base.tracking.uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["vlcl.kind"] == "sweep" and parent.data.tags["vlcl.sweep_id"] == result.sweep_id
@@ -332,7 +369,7 @@ def test_resume_of_a_finished_sweep_reruns_no_trial(finished_sweep):
 
     from orchestrator.sweep import run_sweep
 
-    plan, result = finished_sweep
+    plan, result, _ = finished_sweep
     resumed = run_sweep(plan, resume=True, quiet=True)
     assert resumed.sweep_id == result.sweep_id and resumed.parent_run_id == result.parent_run_id
     assert {(t.trial_id, t.tasks_trained, t.status) for t in resumed.trials} == \
@@ -352,7 +389,7 @@ def test_trials_share_one_zero_shot_row_and_it_is_the_row_each_would_compute(fin
     from orchestrator.run import run_sequence
     from streams.manifest import load_stream
 
-    plan, result = finished_sweep
+    plan, result, _ = finished_sweep
     client = MlflowClient(tracking_uri=plan.base.tracking.uri)
     runs = [client.get_run(t.run_id) for t in result.trials]
     computed = [r for r in runs if r.data.tags["vlcl.zero_shot"] == "computed"]
