@@ -42,6 +42,8 @@ def test_bad_axes_are_named_before_any_work(digits_manifest):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_study_runs_each_order_and_seed_and_reports_them_grouped(ray_session, tmp_path, digits_manifest, capfd):
+    from mlflow.tracking import MlflowClient
+
     from orchestrator.report import build_report, collect_runs, to_markdown
     from orchestrator.study import run_study
 
@@ -58,6 +60,8 @@ def test_a_study_runs_each_order_and_seed_and_reports_them_grouped(ray_session, 
         ["finetune", "order", "reverse", "seed", "0"], ["finetune", "order", "reverse", "seed", "1"]]
     experiment_id, records, left_out = collect_runs(uri, "orders")
     assert not left_out and len(records) == 4
+    runs = MlflowClient(uri).search_runs([experiment_id])  # one worker each: in its trial's own process
+    assert [r.data.tags["vlcl.launch"] for r in runs] == ["in_process"] * 4
     assert {tuple(r.tasks) for r in records} == {("digits-0-1", "digits-2-3"), ("digits-2-3", "digits-0-1")}
     report = build_report("orders", experiment_id, records, left_out)
     assert sorted((row.variant, tuple(row.seeds)) for row in report.rows) == [
