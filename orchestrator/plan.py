@@ -48,18 +48,26 @@ class TaskPlan:
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Test hook (VLCL_FAULT_AFTER_TASK=k): worker 0 crashes once after checkpointing task k, once per
-    VLCL_FAULT_MARKER file, to exercise FailureConfig and --resume for real. Read where
+    """Test hooks. VLCL_FAULT_AFTER_TASK=k: worker 0 crashes once after checkpointing task k, once per
+    VLCL_FAULT_MARKER file, to exercise FailureConfig and --resume for real. VLCL_HOLD_AFTER_TASK=k:
+    worker 0 of the first run to get there (it writes its run id to the VLCL_HOLD_MARKER file) stops
+    after logging task k's scores, before checkpointing and reporting it, until it is killed: where
+    a killed sweep driver leaves a trial whose records are ahead of its last checkpoint. Read where
     `run_sequence` runs: a sweep's trials run in Ray's worker processes, which have the environment
     Ray started with, not later changes to the driver's."""
 
-    after_task: int
+    after_task: int = 0
     marker: str = ""
+    hold_after_task: int = 0
+    hold_marker: str = ""
 
     @classmethod
     def from_env(cls) -> "FaultInjection | None":
-        after = os.environ.get("VLCL_FAULT_AFTER_TASK")
-        return cls(int(after), os.environ.get("VLCL_FAULT_MARKER", "")) if after else None
+        after, hold = os.environ.get("VLCL_FAULT_AFTER_TASK"), os.environ.get("VLCL_HOLD_AFTER_TASK")
+        if not after and not hold:
+            return None
+        return cls(int(after or 0), os.environ.get("VLCL_FAULT_MARKER", ""), int(hold or 0),
+                   os.environ.get("VLCL_HOLD_MARKER", ""))
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class RunPlan:
     started_at: float = 0.0  # driver's time.time() when the run was asked for (first-step latency)
     shared: object = None  # a sweep's SharedValues actor: what its trials compute once (zero-shot row, initial-model features)
     tune_gate: object = None  # a sweep trial's Ray queue: an item per task Tune continued (`wait_for_tune`)
+    continues_run: bool = False  # resumed into an MLflow run that may hold points of tasks trained again
     launch: Literal["in_process", "ray"] = "ray"  # train.launch resolved (`resolve_launch`)
     checkpoint_root: str | None = None  # in_process: where task checkpoints are written (on Ray, Ray Train keeps them)
 

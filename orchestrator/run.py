@@ -45,7 +45,7 @@ class SequenceResult:
 def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | None = None,
                  parent_run_id: str | None = None, run_name_suffix: str = "", extra_tags: dict | None = None,
                  ray_callbacks: list | None = None, shared=None, tune_gate=None, task_report=None,
-                 quiet: bool = False, verbose: bool = False) -> SequenceResult:
+                 resume_finished: bool = False, quiet: bool = False, verbose: bool = False) -> SequenceResult:
     """Train and evaluate `config`'s method over its stream; everything lands in MLflow.
 
     `resume`: continue the last unfinished run of this config (its MLflow run and its latest
@@ -56,8 +56,10 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     reports reach Tune through the Train controller) and `tune_gate`, a queue: after each task's
     report training waits for an item, which the trial puts once Tune continues it
     (`wait_for_tune`). A trial in its own process passes `task_report` instead, which hands each
-    task's metrics and checkpoint to Tune directly (`trainer.report_task`). `quiet`: no console
-    (tests, sweep trials)."""
+    task's metrics and checkpoint to Tune directly (`trainer.report_task`). `resume_finished`: a
+    trial that Tune restarts from its own checkpoint continues its run even when the run had ended
+    (the sweep's driver was killed after the trial's last task, before Tune recorded it). `quiet`:
+    no console (tests, sweep trials)."""
     from orchestrator.console import Console, library_logs_to, sink_drain, start_progress_sink
     from orchestrator.runtime import cluster_has_gpus, ensure_ray
     from orchestrator.tracking import Tracker, check_reachable, default_run_name, resolve_tracking_uri
@@ -69,7 +71,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
     launch = resolve_launch(plan)
     output = Path(config.output_dir)
     run_name = default_run_name(config, plan.stream_name) + run_name_suffix
-    state = find_resumable(output, run_name) if resume else None
+    state = find_resumable(output, run_name, finished=resume_finished) if resume else None
     if resume and state is None:
         raise ConfigError(f"--resume: no unfinished run named {run_name!r} under {output}; start it without --resume")
     ray_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
@@ -93,7 +95,7 @@ def run_sequence(config: RunConfig, *, resume: bool = False, resume_from: str | 
                 use_gpu = cluster_has_gpus() if launch == "ray" else torch.cuda.is_available()
             plan = replace(plan, tracking_uri=uri, run_id=tracker.run_id, resume_from=resume_from, use_gpu=use_gpu,
                            fault=FaultInjection.from_env(), progress_sink=sink, started_at=started, shared=shared,
-                           tune_gate=tune_gate,
+                           tune_gate=tune_gate, continues_run=state is not None,
                            launch=launch, checkpoint_root=str(output / ray_name) if launch == "in_process" else None)
             run_state = {"run_name": run_name, "run_id": tracker.run_id, "experiment_id": tracker.experiment_id,
                          "ray_name": ray_name, "previous": state["ray_name"] if state else None, "finished": False}
@@ -289,14 +291,15 @@ def write_state(path: Path, state: dict) -> None:
     path.write_text(json.dumps(state, indent=1))
 
 
-def find_resumable(output: Path, run_name: str) -> dict | None:
-    """The newest unfinished attempt of `run_name` under `output`, following earlier attempts."""
+def find_resumable(output: Path, run_name: str, finished: bool = False) -> dict | None:
+    """The newest unfinished attempt of `run_name` under `output` (or the newest at all, with
+    `finished`), following earlier attempts."""
     states = []
     for path in sorted((output / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime):
         state = json.loads(path.read_text())
         if state.get("run_name") == run_name:
             states.append(state)
-    if not states or states[-1].get("finished"):
+    if not states or (states[-1].get("finished") and not finished):
         return None
     latest = states[-1]
     # an attempt that failed before its first checkpoint: fall back to the attempt it resumed

@@ -47,6 +47,7 @@ from orchestrator.sweep_tune import (derive_max_concurrent_trials, orphaned_rese
                                      tune_config, tune_param_space)
 
 SWEEP_STATE_FILE = "vlcl_sweep.json"
+DRIVER_FILE = "vlcl_driver.json"  # the `vlcl sweep` process of the sweep's latest attempt
 
 
 @dataclass
@@ -96,13 +97,14 @@ def trial_lines(num_tasks: int):
     return TrialLines()
 
 
-def _sweep_state_dir(plan: SweepPlan, resume: bool) -> tuple[str, Path]:
+def _sweep_state_dir(plan: SweepPlan, resume: bool, marker: str = SWEEP_STATE_FILE,
+                     option: str = "--resume") -> tuple[str, Path]:
     storage = Path(plan.config.storage_path).expanduser().resolve()
     if resume:
-        candidates = sorted(p for p in storage.glob(f"{plan.name}-*") if (p / SWEEP_STATE_FILE).is_file())
+        candidates = sorted(p for p in storage.glob(f"{plan.name}-*") if (p / marker).is_file())
         if not candidates:
-            raise SweepError(f"--resume: no sweep named {plan.name!r} under {storage} to continue; "
-                             f"run it once without --resume")
+            raise SweepError(f"{option}: no sweep named {plan.name!r} under {storage}; "
+                             f"run it once without {option}")
         return candidates[-1].name, candidates[-1]
     sweep_id = f"{plan.name}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     return sweep_id, storage / sweep_id
@@ -161,10 +163,17 @@ def _run_sweep(plan: SweepPlan, sweep_id: str, state_dir: Path, *, resume: bool,
 
     from orchestrator import tracking
     from orchestrator.run import plan_run, resolve_launch
-    from orchestrator.runtime import ensure_ray, start_shared_values
+    from orchestrator.runtime import ensure_ray, start_shared_values, stop_owned_ray
     from streams.builtin import open_stream
 
-    ensure_ray(address)
+    if resume:
+        previous = _live_driver(state_dir)
+        if previous is not None:
+            raise SweepError(f"--resume: sweep {sweep_id} is still running (`vlcl sweep` process {previous.pid}); "
+                             f"stop it first with `vlcl sweep {plan.source} --stop`")
+        stop_owned_ray(str(state_dir))  # what a killed driver's Ray left running would hold cores and write runs
+    _record_driver(state_dir)
+    ensure_ray(address, owner=str(state_dir))
     manifest, stream = open_stream(plan.base.stream, plan.base.data.root)
     num_tasks = len(stream.tasks)
     uri = tracking.resolve_tracking_uri(plan.base)
@@ -321,19 +330,85 @@ def _log_leaderboard(tracker, plan: SweepPlan, ranked: list[TrialOutcome], best_
     tracker.finish("KILLED" if interrupted else "FINISHED")
 
 
+def _record_driver(state_dir: Path) -> None:
+    import os
+
+    import psutil
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": psutil.Process().create_time()}))
+
+
+def _live_driver(state_dir: Path):
+    """The `vlcl sweep` process that ran the sweep's latest attempt, if it still runs (psutil), but
+    not this process (a sweep resumed by the process that ran it)."""
+    import os
+
+    import psutil
+
+    path = state_dir / DRIVER_FILE
+    if not path.is_file():
+        return None
+    driver = json.loads(path.read_text())
+    try:
+        process = psutil.Process(driver["pid"])
+        same = process.create_time() == driver["started"]  # not another process that got its id since
+    except psutil.NoSuchProcess:
+        return None
+    return process if same and process.pid != os.getpid() else None
+
+
+def stop_sweep(plan: SweepPlan) -> str:
+    """`vlcl sweep --stop`: end the latest sweep of this name, its `vlcl sweep` process if it still
+    runs and every process of the local Ray it started (what a driver killed with -9 leaves behind:
+    its Ray agents outlive it), and mark its parent run KILLED. `--resume` continues it."""
+    import psutil
+
+    from orchestrator.runtime import stop_owned_ray
+    from orchestrator.tracking import SweepTracker
+
+    sweep_id, state_dir = _sweep_state_dir(plan, resume=True, marker=DRIVER_FILE, option="--stop")
+    stopped = []
+    driver = _live_driver(state_dir)
+    if driver is not None:
+        driver.terminate()
+        if psutil.wait_procs([driver], timeout=10)[1]:
+            driver.kill()
+            psutil.wait_procs([driver], timeout=10)
+        stopped.append(f"its `vlcl sweep` process {driver.pid}")
+    ray_processes = stop_owned_ray(str(state_dir))
+    if ray_processes:
+        stopped.append(f"{ray_processes} process(es) of the Ray it started")
+    if (state_dir / SWEEP_STATE_FILE).is_file():
+        state = json.loads((state_dir / SWEEP_STATE_FILE).read_text())
+        tracker = SweepTracker(state["tracking_uri"], state["parent_run_id"], state["experiment_id"])
+        if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":
+            tracker.set_tag("vlcl.sweep_state", "interrupted")
+            tracker.finish("KILLED")
+    return (f"sweep {sweep_id}: stopped {' and '.join(stopped)}" if stopped else
+            f"sweep {sweep_id}: nothing of it was running") + "; `--resume` continues it"
+
+
 def add_sweep_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep", help="search hyperparameters; one trial = one whole task sequence",
         description="Run a Ray Tune sweep described by SWEEP.yaml (see examples/sweep_digits.yaml).")
     parser.add_argument("sweep_file", metavar="SWEEP.yaml")
-    parser.add_argument("--resume", action="store_true",
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--resume", action="store_true",
                         help="continue the latest interrupted sweep of this name; finished trials are not re-run")
+    action.add_argument("--stop", action="store_true",
+                        help="stop the latest sweep of this name: its `vlcl sweep` process if it still runs and the "
+                             "Ray it started (what a killed driver leaves running); --resume continues it")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     parser.set_defaults(handler=_sweep_command)
 
 
 def _sweep_command(args) -> int:
     plan = load_sweep_config(args.sweep_file)
+    if args.stop:
+        print(stop_sweep(plan))
+        return 0
     result = run_sweep(plan, resume=args.resume, address=args.address)
     print(format_leaderboard(result))
     from orchestrator.tracking import resolve_tracking_uri

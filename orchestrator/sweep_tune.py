@@ -255,11 +255,11 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
         # tune.report returns only once Tune continues the trial: a trial it stops or pauses at that
         # result trains no task it would throw away.
         report = TuneTaskReport(settings, num_tasks)
-        run_sequence(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
+        run_sequence(config, resume=own, resume_finished=own, resume_from=resume_from, parent_run_id=parent_run_id,
                      run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared, task_report=report, quiet=True)
         report.report_final()
         return
-    run_on_ray_train(config, resume=own, resume_from=resume_from, parent_run_id=parent_run_id,
+    run_on_ray_train(config, resume=own, resume_finished=own, resume_from=resume_from, parent_run_id=parent_run_id,
                      run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared, objective=settings,
                      num_tasks=num_tasks)
 

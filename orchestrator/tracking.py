@@ -105,9 +105,15 @@ class Tracker:
     The driver creates the run (so it exists before any worker starts and a resumed run continues
     the same one); rank 0 of the training workers logs into it through a Tracker of its own."""
 
-    def __init__(self, uri: str, run_id: str = "", experiment_id: str = ""):
+    def __init__(self, uri: str, run_id: str = "", experiment_id: str = "", skip_logged_steps: bool = False):
+        """`skip_logged_steps`: for a run resumed from a checkpoint older than what it logged (a sweep
+        whose driver was killed after a trial logged a task and before Tune recorded its checkpoint
+        trains that task again). MLflow appends every point, so a key's point at a step the run
+        already holds is not logged again; the task trained again gives the same values (its
+        randomness depends on the seed and the task only)."""
         self.uri, self.run_id, self.experiment_id = uri, run_id, experiment_id
         self.client = client(uri)
+        self.logged_steps: dict[str, set[int]] | None = {} if skip_logged_steps else None
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str], *,
@@ -158,8 +164,18 @@ class Tracker:
 
         now = int(time.time() * 1000)
         entries = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
+        if self.logged_steps is not None:
+            entries = [entry for entry in entries if step not in self._steps_logged(entry.key)]
         for i in range(0, len(entries), 500):
             self.client.log_batch(self.run_id, metrics=entries[i:i + 500])
+        if self.logged_steps is not None:
+            for entry in entries:
+                self.logged_steps[entry.key].add(step)
+
+    def _steps_logged(self, key: str) -> set[int]:
+        if key not in self.logged_steps:
+            self.logged_steps[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        return self.logged_steps[key]
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)
@@ -205,7 +221,9 @@ class Tracker:
         for column, name in enumerate(control_names):
             table[f"control: {name}"] = [r[column] for r in control_rows]
         table.insert(0, "after", payload["row_labels"])
-        self.client.log_table(self.run_id, table, "matrix_table.json")
+        # A run that ends twice (a sweep trial finished again after its driver was killed) logs it once.
+        if "matrix_table.json" not in {a.path for a in self.client.list_artifacts(self.run_id)}:
+            self.client.log_table(self.run_id, table, "matrix_table.json")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "matrix.png"
             plot_matrix(task_names, rows, path, control_names, control_rows)

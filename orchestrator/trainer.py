@@ -58,7 +58,7 @@ def train_sequence(plan: RunPlan, worker: RayTrainWorker | InProcessWorker | Non
     broadcast_parameters(model)
     if method.needs_reference_data:  # after restoring: the method keeps reference texts, not images
         method.set_reference_data(*data.reference_data())
-    tracker = Tracker(plan.tracking_uri, plan.run_id) if rank == 0 else None
+    tracker = Tracker(plan.tracking_uri, plan.run_id, skip_logged_steps=plan.continues_run) if rank == 0 else None
     reporter = ProgressReporter(plan.progress_sink if rank == 0 else None)
     monitor = None
     if tracker and (config.tracking.system_metrics or (config.tracking.system_metrics is None and device.type == "cuda")):
@@ -128,6 +128,8 @@ def train_sequence(plan: RunPlan, worker: RayTrainWorker | InProcessWorker | Non
                                 step=task.index + 1)
         reporter.evaluated(task.index, task.name, progress.matrix[-1], progress.control[-1], train_seconds)
         progress.tasks_done = task.index + 1
+        if plan.fault:
+            hold_if_asked(plan, progress.tasks_done, rank)
         report_task(plan, progress, model, method, optimizer, worker, tracker, {"task": task.index + 1, **metrics})
         if plan.fault:
             inject_fault(plan.fault, progress.tasks_done, rank)
@@ -363,6 +365,19 @@ def restore_checkpoint(directory: Path, model, method) -> tuple[Progress, dict |
     optimizer_path = directory / "optimizer.pt"
     optimizer_state = torch.load(optimizer_path, map_location="cpu", weights_only=True) if optimizer_path.exists() else None
     return Progress.from_json((directory / "progress.json").read_text()), optimizer_state
+
+
+def hold_if_asked(plan: RunPlan, tasks_done: int, rank: int) -> None:
+    """FaultInjection.hold_after_task: the first run to get there waits here until it is killed."""
+    if plan.fault.hold_after_task != tasks_done or rank != 0:
+        return
+    try:
+        with open(plan.fault.hold_marker, "x") as marker:
+            marker.write(plan.run_id)
+    except FileExistsError:
+        return
+    while True:
+        time.sleep(1)
 
 
 def inject_fault(fault: FaultInjection, tasks_done: int, rank: int) -> None:

@@ -107,3 +107,91 @@ def test_kill_9_of_the_driver_then_resume_finishes_the_sweep_without_rerunning(d
     board = json.loads(Path(client.download_artifacts(parent.info.run_id, "leaderboard.json", str(tmp_path))).read_text())
     rows = [dict(zip(board["columns"], row)) for row in board["data"]]
     assert [r["status"] for r in rows] == ["completed", "completed"] and all(r["tasks_trained"] == 2 for r in rows)
+
+
+def test_a_pbt_sweep_killed_while_a_trial_is_ahead_of_its_checkpoint_stops_and_resumes_with_exact_records(
+        digits_manifest, tmp_path):
+    """Two PBT trials on three tasks, compared after task 2. The first trial to log task 2's scores
+    holds there (VLCL_HOLD_AFTER_TASK), before its checkpoint reaches Tune; once Tune has recorded
+    its task-1 checkpoint, `vlcl sweep` is killed with -9. `--stop` ends what the killed driver's
+    Ray left running; `--resume` restarts that trial from task 1 in its own MLflow run, so it trains
+    task 2 again: its run still holds one point per task, and the sweep ends with both trials done
+    and none of its Ray processes left."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.runtime import owned_ray_processes
+
+    storage = tmp_path / "sweeps"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = {
+        "name": "pbt-kill",
+        "base": {"stream": str(three_task_digits(digits_manifest, tmp_path)), "model": {"name": "vlcl-tiny"},
+                 "method": {"name": "finetune"},
+                 "train": {"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 10, "log_every_steps": 2},
+                 "tracking": {"uri": uri, "experiment": "pbt-kill", "checkpoints": "none"},
+                 "output_dir": str(tmp_path / "runs")},
+        "use_default_space": False,
+        "space": {"train.lr": {"type": "choice", "values": [1e-4, 1e-3]}},
+        "search": {"algorithm": "grid", "num_samples": 1},
+        "scheduler": {"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 0.0},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 2},
+        "storage_path": str(storage),
+    }
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    marker = tmp_path / "held"
+    held_env = {**env, "VLCL_HOLD_AFTER_TASK": "2", "VLCL_HOLD_MARKER": str(marker)}
+    driver = subprocess.Popen(command, cwd=tmp_path, env=held_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    client = MlflowClient(uri)
+    try:
+        _wait_for(lambda: marker.exists() and marker.read_text(), "a trial holding after task 2", driver)
+        held_run = client.get_run(marker.read_text())
+        held_trial = held_run.data.tags["vlcl.trial_id"]
+        assert [m.step for m in client.get_metric_history(held_run.info.run_id, "cl/seen_avg")] == [1, 2]
+        trial_dir = next(storage.glob(f"*/tune/run_trial_{held_trial}*"))
+
+        def task_one_recorded() -> bool:  # Tune saves its experiment state every 10 s or so
+            checkpoints = list(trial_dir.glob("checkpoint_000000"))
+            states = list(trial_dir.parent.glob("experiment_state-*.json"))
+            return bool(checkpoints) and any(s.stat().st_mtime > checkpoints[0].stat().st_mtime + 1 for s in states)
+
+        _wait_for(task_one_recorded, "Tune's record of the held trial's task-1 checkpoint", driver)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    state_dir = next(storage.glob("pbt-kill-*")).resolve()
+
+    stopped = subprocess.run(command + ["--stop"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "--resume` continues it" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert owned_ray_processes(str(state_dir)) == []
+    parent_id = json.loads((state_dir / "vlcl_sweep.json").read_text())["parent_run_id"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert owned_ray_processes(str(state_dir)) == []
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["vlcl.sweep_state"] == "finished"
+    board = json.loads(Path(client.download_artifacts(parent_id, "leaderboard.json", str(tmp_path))).read_text())
+    rows = [dict(zip(board["columns"], row)) for row in board["data"]]
+    assert [(r["status"], r["tasks_trained"]) for r in rows] == [("completed", 3)] * 2
+    # The held trial trained task 2 again in its own run, which holds each task's scores once.
+    assert [m.step for m in client.get_metric_history(held_run.info.run_id, "cl/seen_avg")] in ([1, 2], [1, 2, 3])
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    for child in children:
+        for key in ("cl/seen_avg", "train/loss"):
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (child.data.tags["vlcl.trial_id"], key, sorted(steps))
+    attempts = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "runs").glob(f"*{held_trial}*.json")]
+    # (a later attempt continues it too when PBT pauses it at the boundary after task 2)
+    continued = sorted((a for a in attempts if a["run_id"] == held_run.info.run_id and a["previous"]),
+                       key=lambda a: a["ray_name"])
+    assert continued, "precondition: --resume continued the held trial's run"
+    assert (tmp_path / "runs" / continued[0]["ray_name"] / "checkpoint_task_002").is_dir(), \
+        "precondition: ... and trained task 2 again"
