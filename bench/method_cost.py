@@ -10,6 +10,8 @@ of task 0, because teachers, reference models and replay memories only exist fro
 is what vlcl's training loop does: training_loss under autocast, backward, optimizer.step,
 zero_grad, after_step. FLOPs are counted by torch's FlopCounterMode over one step (matmuls,
 convolutions, attention; elementwise work such as the optimizer update is not counted).
+`--json PATH` writes each method's figures as JSON, rewritten after each method; a method that fails
+is recorded there (and named at the end) while the others still run.
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ import contextlib
 import copy
 import os
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
-from step_options import add_step_options, check_step_options
+from step_options import add_json_option, add_step_options, check_step_options, device_name, write_json
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATE = "a photo of the number {}."
@@ -44,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="classification: class-prompt CE task loss; retrieval: contrastive task loss")
     parser.add_argument("--reference-samples", type=int, default=256, help="random reference pairs for ZSCL-like methods")
     parser.add_argument("--methods", nargs="*", default=None, help="methods to measure (default: all; finetune is always added)")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     check_step_options(parser, args)
     return args
@@ -152,6 +156,18 @@ def measure_method(name: str, built, base_state: dict, args, device: torch.devic
     return MethodCost(name=name, step_seconds=seconds, flops_per_step=counter.get_total_flops(), peak_memory_bytes=peak)
 
 
+def method_figures(cost: MethodCost, base: MethodCost | None) -> dict:
+    """The JSON form of one row of the table; the ratios are to fine-tuning's row (None without it)."""
+    figures = {"name": cost.name, "step_seconds": cost.step_seconds, "flops_per_step": cost.flops_per_step,
+               "peak_memory_bytes": cost.peak_memory_bytes, "time_ratio": None, "flop_ratio": None,
+               "time_per_flop_ratio": None}
+    if base is not None and base.step_seconds > 0 and base.flops_per_step > 0:
+        figures["time_ratio"] = cost.step_seconds / base.step_seconds
+        figures["flop_ratio"] = cost.flops_per_step / base.flops_per_step
+        figures["time_per_flop_ratio"] = figures["time_ratio"] / figures["flop_ratio"] if figures["flop_ratio"] else None
+    return figures
+
+
 def format_table(costs: list[MethodCost], args) -> str:
     base = next(c for c in costs if c.name == "finetune")
     show_memory = any(c.peak_memory_bytes is not None for c in costs)
@@ -184,13 +200,30 @@ def main(argv: list[str] | None = None) -> list[MethodCost]:
     torch.manual_seed(0)
     built = build_model(args.model)
     base_state = copy.deepcopy(built.model.state_dict())
-    costs = []
+    figures = {"model": args.model, "batch": args.batch, "precision": args.precision, "device": args.device,
+               "device_name": device_name(device), "task_kind": args.task_kind, "steps": args.steps,
+               "warmup": args.warmup, "methods": []}
+    write_json(args.json, figures)
+    costs, failed = [], {}
     for name in names:
-        cost = measure_method(name, built, base_state, args, device)
+        try:
+            cost = measure_method(name, built, base_state, args, device)
+        except Exception as error:  # the other methods still measure; the error is in the JSON
+            traceback.print_exc()
+            failed[name] = f"{type(error).__name__}: {error}"
+            figures["methods"].append({"name": name, "error": failed[name]})
+            write_json(args.json, figures)
+            continue
         costs.append(cost)
+        base = costs[0] if costs[0].name == "finetune" else None
+        figures["methods"].append(method_figures(cost, base))
+        write_json(args.json, figures)
         print(f"{name}: {1000 * cost.step_seconds:.1f} ms/step, {cost.flops_per_step / 1e9:.2f} GFLOP/step", flush=True)
     print()
-    print(format_table(costs, args), flush=True)
+    if costs and costs[0].name == "finetune":
+        print(format_table(costs, args), flush=True)
+    if failed:
+        raise SystemExit("methods failed: " + "; ".join(f"{n}: {e}" for n, e in failed.items()))
     return costs
 
 

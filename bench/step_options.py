@@ -21,3 +21,31 @@ def check_step_options(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--device cuda: no CUDA device is visible to torch")
     if args.batch < 2 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the figures to PATH as JSON, rewritten after each measurement, so a run "
+                             "stopped part-way (bench/gpu_acceptance.sh gives each step a time limit) keeps what it measured")
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    """Replace `path` atomically: a run killed mid-write leaves the previous, complete file."""
+    if path is None:
+        return
+    import json
+    import os
+
+    temporary = f"{path}.partial"
+    with open(temporary, "w") as handle:
+        json.dump(figures, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} torch threads)"

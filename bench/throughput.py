@@ -9,7 +9,10 @@
     covers the whole task (first step and data-pipeline start included), so give it enough steps.
 
 Prints img/s of both, the ratio (b)/(a), MFU of each against 989 TF/s (H100 dense bf16), with the
-FLOPs per image counted by FlopCounterMode over one plain step, and GPU memory on CUDA.
+FLOPs per image counted by FlopCounterMode over one plain step, and GPU memory on CUDA. MFU is
+computed against that GPU peak on every device, so on a CPU it is a tiny, meaningless fraction.
+`--json PATH` writes the same figures (and how each vlcl run launched) as JSON, rewritten after each
+measurement; a `--decode` run that fails is recorded there and the others still run.
 
     python bench/throughput.py --model vlcl-tiny --batch 32 --steps 10 --device cpu --precision fp32
     python bench/throughput.py --model ViT-B-32 --batch 512 --steps 100 --precision bf16 --decode cpu device
@@ -23,11 +26,12 @@ import os
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from step_options import add_step_options, check_step_options
+from step_options import add_json_option, add_step_options, check_step_options, device_name, write_json
 
 H100_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -37,8 +41,18 @@ CAPTION = "a photo of the handwritten number {}."
 @dataclass
 class Throughput:
     images_per_second: float
-    peak_memory_bytes: int | None = None         # torch allocator peak (plain loop only: it runs in this process)
+    peak_memory_bytes: int | None = None         # torch allocator peak (CUDA, in this process: the plain loop, an in-process vlcl run)
     device_memory_peak_bytes: int | None = None  # whole-device memory in use at its peak, as nvidia-smi shows it
+    launch: str | None = None                    # vlcl runs: where training ran (the run's vlcl.launch tag)
+
+    def figures(self, flops_per_image: float, plain: "Throughput | None" = None) -> dict:
+        """The JSON form: img/s, MFU (a fraction of H100_PEAK_FLOPS), memory, and the ratio to `plain`."""
+        figures = {"images_per_second": self.images_per_second,
+                   "mfu": self.images_per_second * flops_per_image / H100_PEAK_FLOPS,
+                   "peak_memory_bytes": self.peak_memory_bytes, "device_memory_peak_bytes": self.device_memory_peak_bytes}
+        if plain is not None:
+            figures |= {"ratio_to_plain": self.images_per_second / plain.images_per_second, "launch": self.launch}
+        return figures
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode", nargs="+", choices=("cpu", "device"), default=["cpu"],
                         help="data.decode of the vlcl runs: one run (and one table row) per value")
     parser.add_argument("--workdir", default=None, help="where shards, runs and the MLflow store go (default: a temp dir)")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     check_step_options(parser, args)
     return args
@@ -208,12 +223,18 @@ def vlcl_training(args, manifest: Path, workdir: Path, device: torch.device, dec
         f"train.log_every_steps={max(1, args.steps)}", "tracking.checkpoints=none",
         f"data.decoders={decoders}", f"data.decode={decode}", f"eval.batch_size={min(args.batch, 256)}",
     ])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with DeviceMemoryWatch(device) as watch:
         result = run_sequence(config, quiet=True)
-    history = MlflowClient(tracking_uri).get_metric_history(result.run_id, "train/images_per_second")
+    client = MlflowClient(tracking_uri)
+    history = client.get_metric_history(result.run_id, "train/images_per_second")
     if not history:
         raise RuntimeError(f"run {result.run_id} logged no train/images_per_second to {tracking_uri}")
-    return Throughput(history[-1].value, device_memory_peak_bytes=watch.peak)
+    launch = client.get_run(result.run_id).data.tags.get("vlcl.launch")
+    # in process, this process's allocator saw the whole run; on a Ray worker it saw none of it
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" and launch == "in_process" else None
+    return Throughput(history[-1].value, peak_memory_bytes=peak, device_memory_peak_bytes=watch.peak, launch=launch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +246,8 @@ def format_report(args, plain: Throughput, vlcl: dict[str, Throughput], flops_pe
              f"FLOPs per image (fwd+bwd, FlopCounterMode): {flops_per_image / 1e9:.3f} GFLOP", "",
              "| loop | img/s | MFU vs 989 TF/s | torch peak GiB | device peak GiB |", "|---|---|---|---|---|"]
     rows = [("plain PyTorch (synthetic, on device)", plain)]
-    rows += [(f"vlcl run (JPEG shards, Ray, data.decode={decode})", result) for decode, result in vlcl.items()]
+    rows += [(f"vlcl run (JPEG shards, {result.launch or 'Ray'}, data.decode={decode})", result)
+             for decode, result in vlcl.items()]
     for name, result in rows:
         mfu = result.images_per_second * flops_per_image / H100_PEAK_FLOPS
         lines.append(f"| {name} | {result.images_per_second:.1f} | {100 * mfu:.2f}% | "
@@ -242,20 +264,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     args = parse_args(argv)
     device = torch.device(args.device)
+    figures = {"model": args.model, "batch": args.batch, "precision": args.precision, "device": args.device,
+               "device_name": device_name(device), "steps": args.steps, "warmup": args.warmup,
+               "peak_flops": H100_PEAK_FLOPS, "flops_per_image": None, "plain": None, "vlcl": {}}
+    write_json(args.json, figures)
     plain, flops_per_image = plain_loop(args, device)
+    figures |= {"flops_per_image": flops_per_image, "plain": plain.figures(flops_per_image)}
+    write_json(args.json, figures)
     print(f"plain loop: {plain.images_per_second:.1f} img/s", flush=True)
 
     image_size = build_model(args.model).image_size
     train_samples = args.samples or min(20000, max(args.batch * (args.steps + 1), 2 * args.batch))
+    failed = {}
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vlcl-bench-")))
         manifest = write_jpeg_stream(workdir / "stream", train_samples, min(args.batch, 256), image_size)
         vlcl = {}
         for decode in args.decode:
-            vlcl[decode] = vlcl_training(args, manifest, workdir, device, decode)
+            try:
+                vlcl[decode] = vlcl_training(args, manifest, workdir, device, decode)
+            except Exception as error:  # the other --decode runs still measure; the error is in the JSON
+                traceback.print_exc()
+                failed[decode] = f"{type(error).__name__}: {error}"
+                figures["vlcl"][decode] = {"error": failed[decode]}
+                write_json(args.json, figures)
+                continue
+            figures["vlcl"][decode] = vlcl[decode].figures(flops_per_image, plain)
+            write_json(args.json, figures)
             print(f"vlcl run (data.decode={decode}): {vlcl[decode].images_per_second:.1f} img/s", flush=True)
     print()
     print(format_report(args, plain, vlcl, flops_per_image), flush=True)
+    if failed:
+        raise SystemExit("vlcl runs failed: " + "; ".join(f"data.decode={d}: {e}" for d, e in failed.items()))
     first = vlcl[args.decode[0]]
     return {"plain_images_per_second": plain.images_per_second, "vlcl_images_per_second": first.images_per_second,
             "ratio": first.images_per_second / plain.images_per_second, "flops_per_image": flops_per_image,
