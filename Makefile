@@ -14,9 +14,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## the main job on the built-in default: fine-tune over the 5-task digits stream, tracked in ./mlflow.db
+## the main job on the built-in default: fine-tune, then experience replay (200-sample memory), over the
+## 5-task digits stream, tracked in ./mlflow.db; then both side by side (Transfer / Avg / Last / BWT)
 demo: venv
 	$(VENV)/bin/vlcl run
+	$(VENV)/bin/vlcl run --set method.name=er --set method.hparams.memory_size=200
+	$(VENV)/bin/vlcl report digits
 
 ## the whole test suite (unit tests, end-to-end Ray runs on CPU, browser test when Chromium is there)
 test: venv

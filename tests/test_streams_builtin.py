@@ -14,7 +14,7 @@ from streams.manifest import load_stream
 
 def test_digits_stream_has_five_two_class_tasks_and_every_sample_once(digits_manifest):
     spec = load_stream(digits_manifest)
-    assert spec.name == "digits" and spec.eval_classifier == "stream"
+    assert spec.name == "digits" and spec.eval_classifier == "task"
     assert [t.classes for t in spec.tasks] == [DIGIT_NAMES[i:i + 2] for i in range(0, 10, 2)]
     assert spec.stream_classes() == DIGIT_NAMES
     assert all(t.templates == DIGIT_TEMPLATES for t in spec.tasks)
