@@ -36,13 +36,13 @@ class WorkerData:
         self.eval_sets_decoded_by: set[str] = set()  # in a sweep: the runs whose decoded eval sets this one took
 
     # ---- reading -----------------------------------------------------------------------------
-    def _decoder(self, classes) -> RowDecoder:
+    def _decoder(self, classes, all_captions: bool = False) -> RowDecoder:
         return RowDecoder(self.plan.image_size, self.tokenizer_factory, list(classes),
                           on_bad_sample=self.config.data.on_bad_sample,
-                          ship_encoded=self.config.data.decode == "device")
+                          ship_encoded=self.config.data.decode == "device", all_captions=all_captions)
 
-    def _read(self, split: SplitPlan, classes, share: tuple[int, int]) -> DecodedSplit:
-        decoded = read_split(list(split.urls), self._decoder(classes), cap=split.cap, share=share)
+    def _read(self, split: SplitPlan, classes, share: tuple[int, int], all_captions: bool = False) -> DecodedSplit:
+        decoded = read_split(list(split.urls), self._decoder(classes, all_captions), cap=split.cap, share=share)
         self.skipped.extend(decoded.skipped)
         return decoded
 
@@ -53,8 +53,12 @@ class WorkerData:
             pixels = decode_batch(rows["encoded"], self.plan.image_size, self.device, keys=rows["key"])
         else:
             pixels = rows["pixels"].to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-        return {"pixels": pixels, "text": rows["text"].to(self.device, non_blocking=True),
-                "label": rows["label"].to(self.device, non_blocking=True)}
+        batch = {"pixels": pixels, "text": rows["text"].to(self.device, non_blocking=True),
+                 "label": rows["label"].to(self.device, non_blocking=True)}
+        if "captions" in rows:
+            batch["captions"] = rows["captions"].to(self.device, non_blocking=True)
+            batch["caption_row"] = rows["caption_row"]
+        return batch
 
     # ---- training ----------------------------------------------------------------------------
     def epoch_batches(self, task: TaskPlan, epoch: int, *, seed_offset: int = 0,
@@ -123,12 +127,14 @@ class WorkerData:
         """This worker's share of `task`'s eval (or control) set, in eval batches."""
         batch_size = self.config.eval.batch_size
         if task.eval.cached:
-            key = (task.eval.urls, task.classes)  # tasks that share an eval set share its decoded rows
+            key = (task.eval.urls, task.classes, task.kind)  # tasks that share an eval set share its decoded rows
             if key not in self._eval_cache:
                 self._eval_cache[key] = self._shared_or_read(task)
             chunks = [self._eval_cache[key]]
         else:
-            chunks = iter_split(list(task.eval.urls), self._decoder(task.classes), cap=task.eval.cap,
+            # retrieval is scored over every caption of each image (COCO/Flickr30K: five)
+            chunks = iter_split(list(task.eval.urls), self._decoder(task.classes, task.kind == "retrieval"),
+                                cap=task.eval.cap,
                                 share=(self.rank, self.world), chunk_rows=EVAL_CHUNK_ROWS)
         for chunk in chunks:
             if not task.eval.cached:
@@ -145,8 +151,9 @@ class WorkerData:
         rows: the first one that does offers them to the sweep's SharedValues actor and the others
         take them (keyed by everything that decides the decoded rows, this worker's share included)."""
         share = (self.rank, self.world)
+        all_captions = task.kind == "retrieval"
         if self.plan.shared is None:
-            return self._read(task.eval, task.classes, share)
+            return self._read(task.eval, task.classes, share, all_captions)
         import ray
 
         from orchestrator.plan import eval_set_key
@@ -157,7 +164,7 @@ class WorkerData:
             self.skipped.extend(found["split"].skipped)  # counted in every run that scores these rows
             self.eval_sets_decoded_by.add(found["run_id"])
             return found["split"]
-        split = self._read(task.eval, task.classes, share)
+        split = self._read(task.eval, task.classes, share, all_captions)
         self.plan.shared.put.remote(key, {"split": split, "run_id": self.plan.run_id})
         return split
 

@@ -73,8 +73,9 @@ def train_sequence(plan: RunPlan, worker: RayTrainWorker | InProcessWorker | Non
         nonlocal eval_sets_tagged
         from orchestrator.evaluation import evaluate_all
 
-        row, control_row, details = scored or evaluate_all(method.eval_model(), plan, data, built.tokenizer,
-                                                           built.image_mean, built.image_std, device, autocast)
+        row, control_row, details, seen_union = scored or evaluate_all(
+            method.eval_model(), plan, data, built.tokenizer, built.image_mean, built.image_std, device, autocast,
+            tasks_trained=row_index)
         if tracker and plan.shared is not None and not scored and data.kept_eval_sets and not eval_sets_tagged:
             # the first evaluation decoded every kept eval set, or took another trial's
             tracker.mark_shared("eval_sets", ", ".join(sorted(data.eval_sets_decoded_by)) or None)
@@ -89,6 +90,8 @@ def train_sequence(plan: RunPlan, worker: RayTrainWorker | InProcessWorker | Non
             skipped += ray.get(skip_counter.total.remote())
         progress.skipped_samples = int(skipped)
         metrics = eval_metrics(plan, details, progress) | {"data/skipped_samples": progress.skipped_samples}
+        # CTP's report: retrieval over one gallery of every seen task's eval set
+        metrics |= {f"seen_union/{key}": value for key, value in seen_union.items() if key not in COUNTS}
         if tracker:
             tracker.log_metrics(metrics, step=row_index)
             tracker.log_matrix(plan.task_names, progress.matrix, plan.control_names, progress.control)
@@ -97,7 +100,7 @@ def train_sequence(plan: RunPlan, worker: RayTrainWorker | InProcessWorker | Non
     # -- the zero-shot row, once, before any training ---------------------------------------------
     if not progress.matrix:
         shared = shared_zero_shot(plan, rank)
-        evaluate_and_record(0, scored=shared and (shared["row"], shared["control_row"], shared["details"]))
+        evaluate_and_record(0, scored=shared and (shared["row"], shared["control_row"], shared["details"], {}))
         if tracker and plan.shared is not None:
             tracker.mark_shared("zero_shot", shared and shared["run_id"])
         if shared is None and plan.shared is not None and rank == 0:
@@ -411,11 +414,14 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
+COUNTS = ("samples", "captions")  # sizes of the scored sets: in the eval details, not logged as metrics
+
+
 def eval_metrics(plan: RunPlan, details: dict, progress: Progress) -> dict[str, float]:
     metrics = {}
     for name in plan.task_names + plan.control_names:
         for key, value in details[name].items():
-            if key != "samples":
+            if key not in COUNTS:
                 metrics[f"eval/{name}/{key}"] = value
     metrics.update(summarize(progress.matrix))
     metrics.update(summarize_control(progress.control))

@@ -33,6 +33,9 @@ class DecodedSplit:
     pixels: torch.Tensor | None = None
     encoded: list[bytes] | None = None
     skipped: list[str] = field(default_factory=list)
+    # with RowDecoder(all_captions=True): token ids of every caption (M, L) and the row each belongs to (M,)
+    caption_text: torch.Tensor | None = None
+    caption_row: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -46,6 +49,12 @@ class DecodedSplit:
             positions = range(len(self))[index] if isinstance(index, slice) else index.tolist()
             batch["encoded"] = [self.encoded[i] for i in positions]
             batch["key"] = [self.keys[i] for i in positions]
+        if self.caption_text is not None and isinstance(index, slice):  # eval batches are slices
+            start, stop, step = index.indices(len(self))
+            assert step == 1, "caption rows follow contiguous slices only"
+            mine = (self.caption_row >= start) & (self.caption_row < stop)
+            batch["captions"] = self.caption_text[mine]
+            batch["caption_row"] = self.caption_row[mine] - start
         return batch
 
 
@@ -103,10 +112,12 @@ def read_split(urls: list[str], decoder: RowDecoder, **options) -> DecodedSplit:
 
 def _decode_rows(raw: list[tuple[str, str, dict]], decoder: RowDecoder) -> DecodedSplit:
     pixels, encoded, captions, labels, keys, skipped = [], [], [], [], [], []
+    every_caption, caption_row = [], []
     for url, key, files in raw:
         row = {**files, "__key__": key, "__url__": url}
         try:
             image, caption, label = decoder.decode_row(row)
+            image_captions = decoder.captions_of(row, caption) if decoder.all_captions else []
         except ValueError as err:
             if decoder.on_bad_sample == "error":
                 raise bad_sample_error(url, key, err) from None
@@ -115,11 +126,17 @@ def _decode_rows(raw: list[tuple[str, str, dict]], decoder: RowDecoder) -> Decod
         (encoded if decoder.ship_encoded else pixels).append(image)
         captions.append(caption)
         labels.append(label)
+        caption_row.extend([len(keys)] * len(image_captions))
+        every_caption.extend(image_captions)
         keys.append(str(key))
     size = decoder.image_size
     text = (torch.from_numpy(decoder.tokenize(captions)) if captions
             else torch.zeros(0, decoder.context_length, dtype=torch.int64))
     split = DecodedSplit(text=text, label=torch.tensor(labels, dtype=torch.int64), keys=keys, skipped=skipped)
+    if decoder.all_captions:
+        split.caption_text = (torch.from_numpy(decoder.tokenize(every_caption)) if every_caption
+                              else torch.zeros(0, decoder.context_length, dtype=torch.int64))
+        split.caption_row = torch.tensor(caption_row, dtype=torch.int64)
     if decoder.ship_encoded:
         split.encoded = encoded
     else:

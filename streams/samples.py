@@ -33,8 +33,10 @@ class RowDecoder:
     replaces `pixels`; the image is then only checked to be one (its header parses), not decoded."""
 
     def __init__(self, image_size: int, tokenizer_factory: Callable[[], Callable], classes: list[str],
-                 on_bad_sample: Literal["error", "skip"] = "error", ship_encoded: bool = False):
+                 on_bad_sample: Literal["error", "skip"] = "error", ship_encoded: bool = False,
+                 all_captions: bool = False):
         self.image_size = image_size
+        self.all_captions = all_captions  # retrieval eval: every caption of an image (see captions_of)
         self.ship_encoded = ship_encoded
         self.tokenizer = tokenizer_factory()
         # An all-bad batch still returns (0, L) token ids, so every block has the same tensor shape.
@@ -68,6 +70,23 @@ class RowDecoder:
         if not caption.strip():
             raise ValueError("empty caption (.txt)")
         return pixels, caption, self.label_of(row)
+
+    def captions_of(self, row: dict, caption: str) -> list[str]:
+        """Every caption of the sample's image: its .json `captions` list (COCO and Flickr30K write
+        all five) or, without one, the .txt alone (P9D: one title per image)."""
+        meta = row.get("json")
+        if not _present(meta):
+            return [caption]
+        try:
+            meta = json.loads(meta)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f".json does not parse ({err})") from None
+        captions = meta.get("captions") if isinstance(meta, dict) else None
+        if captions is None:
+            return [caption]
+        if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
+            raise ValueError(f".json `captions` must be a non-empty list of non-empty strings (got {captions!r})")
+        return captions
 
     def label_of(self, row: dict) -> int:
         if not self.classes:

@@ -82,3 +82,30 @@ def test_bad_sample_is_named_or_skipped_and_listed(digits_manifest, tmp_path):
     assert len(kept) == len(keys) - 1 and bad not in kept.keys
     [reason] = kept.skipped
     assert bad in reason and shard in reason
+
+
+def test_every_caption_of_a_retrieval_image_is_read_with_the_row_it_belongs_to(tmp_path):
+    from PIL import Image
+
+    from streams.writer import Sample, write_split
+
+    captions = {"a": ["a red square.", "a square in red.", "red."], "b": ["a blue square."],
+                "c": ["a green square.", "green!"]}
+    samples = [Sample(key=key, image=Image.new("RGB", (8, 8), color), caption=texts[0],
+                      extra=None if key == "b" else {"captions": texts, "image_id": key})  # b: its .txt alone
+               for (key, texts), color in zip(captions.items(), ["red", "blue", "green"])]
+    urls = [str(p) for p in write_split(samples, tmp_path, "pairs").shards]
+    tokenize = TokenizerFactory("vlcl-tiny")()
+    split = read_split(urls, decoder([], all_captions=True))
+    assert split.keys == ["a", "b", "c"] and split.caption_row.tolist() == [0, 0, 0, 1, 2, 2]
+    every = [t for texts in captions.values() for t in texts]
+    assert split.caption_text.tolist() == tokenize(every).tolist()
+    # an eval batch of rows 1..2 carries their captions, numbered within the batch
+    batch = split.rows(slice(1, 3))
+    assert batch["caption_row"].tolist() == [0, 1, 1] and batch["captions"].tolist() == tokenize(every[3:]).tolist()
+    assert read_split(urls, decoder([])).caption_text is None  # training reads one caption per image
+
+    bad = [Sample(key="d", image=Image.new("RGB", (8, 8)), caption="x", extra={"captions": []})]
+    bad_urls = [str(p) for p in write_split(bad, tmp_path / "bad", "pairs").shards]
+    with pytest.raises(ShardError, match=r"sample 'd': .json `captions` must be a non-empty list"):
+        read_split(bad_urls, decoder([], all_captions=True))

@@ -1,5 +1,5 @@
 """Retrieval-protocol streams (Karpathy JSON, P9D, CC3M chunks) and ZSCL reference data, built from
-real Tux Paint photos and their captions laid out as each release ships them."""
+real images (scikit-learn's handwritten digits: nothing to install) laid out as each release ships them."""
 import argparse
 import json
 from collections import Counter
@@ -10,23 +10,11 @@ from PIL import Image
 from streams.check import check_stream, read_shard_samples
 from streams.converters import safe_name
 from streams.cli import add_streams_commands
-from streams.errors import MissingSourceError, SourceError
+from streams.errors import SourceError
 from streams.manifest import load_stream
 from streams.protocols import (P9D_INDUSTRIES, build_reference, caption_class, from_cc3m, from_p9d, pre_caption,
                                read_class_vocabulary, reference_captions)
-from streams.sources import Sources, on_white, tux_stamps
 from streams.writer import Sample, write_split
-
-
-def tux_available():
-    try:
-        tux_stamps(Sources(), ["animals"])
-        return None
-    except MissingSourceError as err:
-        return str(err)
-
-
-needs_tux = pytest.mark.offline_data(pytest.mark.skipif(tux_available() is not None, reason=str(tux_available())))
 
 
 def run_cli(argv):
@@ -41,19 +29,22 @@ def samples(spec, shard_set):
 
 
 @pytest.fixture(scope="module")
-def stamps(tmp_path_factory):
-    """[(caption, JPEG path)] for 24 real Tux Paint photos (animals and food, alternating), 48 px JPEGs."""
-    folder = tmp_path_factory.mktemp("tux")
+def digit_photos(tmp_path_factory):
+    """[(caption, JPEG path)] for 24 real handwritten digits (even and odd alternating, in folders
+    even/ and odd/), 48 px JPEGs; the caption's second word is the digit ("A seven, handwritten.")."""
+    from sklearn.datasets import load_digits
+
+    from streams.builtin import DIGIT_NAMES, digit_image
+
+    folder = tmp_path_factory.mktemp("digit-photos")
+    digits = load_digits()
     out = []
-    animals, food = tux_stamps(Sources(), ["animals"]), tux_stamps(Sources(), ["food"])
-    for stamp in [s for pair in zip(animals, food) for s in pair]:
-        if stamp.is_svg or len(out) == 24:
-            continue
-        path = folder / stamp.category / f"{stamp.key}.jpg"
+    for index in range(24):
+        label = int(digits.target[index])
+        path = folder / ("even" if label % 2 == 0 else "odd") / f"digit{index:04d}.jpg"
         path.parent.mkdir(exist_ok=True)
-        with Image.open(stamp.image) as image:
-            on_white(image).resize((48, 48)).save(path, quality=85)
-        out.append((stamp.caption, path))
+        digit_image(digits.images[index]).resize((48, 48)).save(path, quality=85)
+        out.append((f"A {DIGIT_NAMES[label]}, handwritten (number {index}).", path))
     return out
 
 
@@ -71,9 +62,8 @@ def karpathy_json(path, entries, dataset, with_filepath):
     return path
 
 
-@needs_tux
-def test_karpathy_json_becomes_contiguous_phases_with_the_test_split_as_eval(stamps, tmp_path):
-    flickr_entries = [(c, p, s) for (c, p), s in zip(stamps[:14], ["train"] * 6 + ["val"] * 2 + ["train"] * 3
+def test_karpathy_json_becomes_contiguous_phases_with_the_test_split_as_eval(digit_photos, tmp_path):
+    flickr_entries = [(c, p, s) for (c, p), s in zip(digit_photos[:14], ["train"] * 6 + ["val"] * 2 + ["train"] * 3
                                                       + ["test"] * 3)]
     flickr = karpathy_json(tmp_path / "dataset_flickr30k.json",
                            [(c, p.parent.parent / p.parent.name / p.name, s) for c, p, s in flickr_entries],
@@ -84,9 +74,9 @@ def test_karpathy_json_becomes_contiguous_phases_with_the_test_split_as_eval(sta
     for _, path, _ in flickr_entries:
         (flat / path.name).write_bytes(path.read_bytes())
     coco = karpathy_json(tmp_path / "dataset_coco.json",
-                         [(c, p, s) for (c, p), s in zip(stamps[14:20], ["train", "restval", "test", "test", "val",
+                         [(c, p, s) for (c, p), s in zip(digit_photos[14:20], ["train", "restval", "test", "test", "val",
                                                                          "test"])], "coco", with_filepath=True)
-    coco_root = stamps[14][1].parent.parent
+    coco_root = digit_photos[14][1].parent.parent
     assert run_cli(["streams", "build", "karpathy", str(flickr), "--images", str(flat), "--out", str(tmp_path / "s"),
                     "--chunks", "3", "--train-splits", "train,val", "--control", str(coco), str(coco_root)]) == 0
     spec = load_stream(tmp_path / "s" / "manifest.yaml")
@@ -125,15 +115,14 @@ def run_and_manifest(flickr, images, out):
     return from_karpathy(flickr, images, out, chunks=3, train_splits=["train", "val"])
 
 
-@needs_tux
-def test_p9d_release_becomes_nine_industry_tasks_in_ctp_order(stamps, tmp_path):
+def test_p9d_release_becomes_nine_industry_tasks_in_ctp_order(digit_photos, tmp_path):
     root = tmp_path / "Product9D"
     (root / "json").mkdir(parents=True)
     for folder in ("train_images", "gallery_images"):
         (root / folder).mkdir()
     industries = ["家居用品", "家装家饰", "食品/保健"]
     train, test = {i: {} for i in industries}, {}
-    for index, (caption, path) in enumerate(stamps[:15]):
+    for index, (caption, path) in enumerate(digit_photos[:15]):
         industry, item_id = industries[index % 3], str(600000 + index)
         info = {"title": f"{caption} (Item #{index}):  NEW!", "cate_name": f"cate{index % 2}"}
         if index < 12:
@@ -150,7 +139,7 @@ def test_p9d_release_becomes_nine_industry_tasks_in_ctp_order(stamps, tmp_path):
     assert [(t.train.samples, t.eval.samples) for t in spec.tasks] == [(4, 1), (4, 1), (4, 1)]
     key, files = samples(spec, spec.tasks[0].train)[0]
     assert key == "600000"
-    assert files["txt"].decode() == pre_caption(f"{stamps[0][0]} (Item #0):  NEW!")
+    assert files["txt"].decode() == pre_caption(f"{digit_photos[0][0]} (Item #0):  NEW!")
     assert json.loads(files["json"]) == {"item_id": "600000", "cate_name": "cate0", "industry": "家居用品"}
     assert files["jpg"] == (root / "train_images" / "600000.jpg").read_bytes()
     assert check_stream(spec).ok
@@ -169,17 +158,16 @@ def test_pre_caption_is_ctps():
 
 
 @pytest.fixture(scope="module")
-def img2dataset_shards(stamps, tmp_path_factory):
+def img2dataset_shards(digit_photos, tmp_path_factory):
     """Shards as img2dataset writes them: {key}.jpg, .txt, .json with url/caption/status."""
     folder = tmp_path_factory.mktemp("cc3m")
     pairs = [Sample(key=f"{i:09d}", image=path.read_bytes(), caption=caption,
                     extra={"url": f"http://example.com/{i}.jpg", "caption": caption, "status": "success"})
-             for i, (caption, path) in enumerate(stamps)]
+             for i, (caption, path) in enumerate(digit_photos)]
     write_split(pairs, folder, "part", max_samples_per_shard=10)
     return str(folder / "part-{000000..000002}.tar"), {s.key: s.caption for s in pairs}
 
 
-@needs_tux
 def test_cc3m_instance_split_puts_every_pair_in_exactly_one_task_and_split(img2dataset_shards, tmp_path):
     pattern, captions = img2dataset_shards
     spec = load_stream(from_cc3m([pattern], tmp_path / "inst", tasks=3, split="instance", eval_fraction=0.25))
@@ -203,7 +191,6 @@ def test_caption_class_takes_the_earliest_whole_word_match(tmp_path):
     assert caption_class("a hot dog stand", vocabulary) == 0
 
 
-@needs_tux
 def test_cc3m_class_split_groups_classes_into_contiguous_tasks(img2dataset_shards, tmp_path):
     pattern, captions = img2dataset_shards
     words = sorted({c.split()[1].strip(".,!").lower() for c in captions.values()})  # "A frog." -> frog
@@ -224,9 +211,8 @@ def test_cc3m_class_split_groups_classes_into_contiguous_tasks(img2dataset_shard
         from_cc3m([pattern], tmp_path / "x", tasks=2, split="class")
 
 
-@needs_tux
-def test_reference_pairs_folder_images_with_shuffled_captions(stamps, tmp_path):
-    images = stamps[0][1].parent.parent  # animals/, food/: class folders
+def test_reference_pairs_folder_images_with_shuffled_captions(digit_photos, tmp_path):
+    images = digit_photos[0][1].parent.parent  # even/, odd/: class folders
     tsv = tmp_path / "Validation_GCC-1.1.0-Validation.tsv"
     captions = [f"caption number {i} of a scene" for i in range(10)]
     tsv.write_text("".join(f"{c}\thttp://example.com/{i}.jpg\n" for i, c in enumerate(captions)))
@@ -239,7 +225,7 @@ def test_reference_pairs_folder_images_with_shuffled_captions(stamps, tmp_path):
     assert Counter(f["txt"].decode() for _, f in pairs) == Counter({c: 2 for c in captions})  # each dealt twice
     assert reference_captions(tmp_path / "ref" / "manifest.yaml") == captions
     assert reference_captions(tmp_path / "manifest.yaml") is None
-    files_by_key = {p.relative_to(images).as_posix().replace("/", "_").replace(".", "_"): p for _, p in stamps}
+    files_by_key = {p.relative_to(images).as_posix().replace("/", "_").replace(".", "_"): p for _, p in digit_photos}
     assert all(f["jpg"] == files_by_key[k].read_bytes() for k, f in pairs)
     assert check_stream(spec).ok
     plain = tmp_path / "captions.txt"
