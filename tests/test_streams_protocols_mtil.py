@@ -1,5 +1,6 @@
 """MTIL stream builder on small on-disk copies of torchvision's real layouts, made from real images
-(OpenCV's handwritten digits as MNIST IDX files; Tux Paint photos as DTD, EuroSAT and Flowers102)."""
+that scikit-learn ships (its handwritten digits, as MNIST IDX files and as the DTD, EuroSAT and
+Flowers102 photos): nothing to install."""
 import argparse
 import io
 import json
@@ -12,30 +13,14 @@ from PIL import Image
 
 from streams.check import check_stream, read_shard_samples
 from streams.cli import add_streams_commands
-from streams.errors import MissingSourceError, SourceError
+from streams.errors import SourceError
 from streams.manifest import load_stream
 from streams.mtil import MissingDatasetError, build_mtil
 from streams.mtil_classes import EUROSAT_CLASSES, EUROSAT_FOLDERS, FLOWERS_CLASSES, LEARNING_RATES, ORDERS, TEMPLATES
-from streams.sources import Sources, opencv_digits, tux_stamps
 
 MNIST_NAMES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
                "8 - eight", "9 - nine"]
 DTD_CLASSES = ["banded", "cracked", "zigzagged"]
-
-
-def offline_data(*checks):
-    """Mark a test that needs the Debian data; skip naming the install command when it is absent."""
-    reason = None
-    try:
-        found = Sources()
-        for check in checks:
-            check(found)
-    except MissingSourceError as err:
-        reason = str(err)
-    return lambda test: pytest.mark.offline_data(pytest.mark.skipif(reason is not None, reason=str(reason))(test))
-
-
-needs_sources = offline_data(lambda s: opencv_digits(s), lambda s: tux_stamps(s, ["animals"]))
 
 
 def write_idx(path, array):
@@ -44,21 +29,28 @@ def write_idx(path, array):
     path.write_bytes(header + array.tobytes())
 
 
+def digit_cells():
+    """scikit-learn's 1,797 handwritten digits as 20x20 white-on-black cells (MNIST's look) and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    cells = [np.asarray(Image.fromarray((image * (255 / 16)).round().astype(np.uint8)).resize(
+        (20, 20), Image.Resampling.BICUBIC)) for image in digits.images]
+    return np.stack(cells), digits.target.astype(np.uint8)
+
+
 def photos(count):
-    """`count` distinct real photos (Tux Paint animal stamps on white) as 32x32 JPEG bytes."""
-    from streams.sources import on_white
+    """`count` distinct real images (handwritten digits, dark on white) as 32x32 JPEG bytes."""
+    from sklearn.datasets import load_digits
+
+    from streams.builtin import digit_image
 
     out = []
-    for stamp in tux_stamps(Sources(), ["animals"]):
-        if stamp.is_svg:
-            continue
-        with Image.open(stamp.image) as image:
-            buffer = io.BytesIO()
-            on_white(image).resize((32, 32)).save(buffer, format="JPEG", quality=85)
+    for pixels in load_digits().images[-count:]:
+        buffer = io.BytesIO()
+        digit_image(pixels).save(buffer, format="JPEG", quality=85)
         out.append(buffer.getvalue())
-        if len(out) == count:
-            return out
-    raise AssertionError("not enough Tux Paint PNG stamps")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +59,12 @@ def mtil_root(tmp_path_factory):
     from scipy.io import savemat
 
     root = tmp_path_factory.mktemp("torchvision")
-    cells, labels = opencv_digits(Sources())
+    cells, labels = digit_cells()
+    by_class = [np.flatnonzero(labels == d) for d in range(10)]
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for prefix, offset, per_class in (("train", 0, 10), ("t10k", 400, 3)):
-        indices = [d * 500 + offset + i for i in range(per_class) for d in range(10)]
+    for prefix, offset, per_class in (("train", 0, 10), ("t10k", 40, 3)):
+        indices = [by_class[d][offset + i] for i in range(per_class) for d in range(10)]
         write_idx(raw / f"{prefix}-images-idx3-ubyte", np.pad(cells[indices], ((0, 0), (4, 4), (4, 4))))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[indices])
     images = iter(photos(90))
@@ -120,7 +113,6 @@ def test_orders_and_learning_rates_are_the_harness_ones():
     assert all("{}" in t for templates in TEMPLATES.values() for t in templates)
 
 
-@needs_sources
 def test_mtil_stream_has_the_harness_classes_splits_and_templates(mtil_root, tmp_path):
     import torch
     import torchvision
@@ -179,7 +171,6 @@ def run_cli(argv):
     return args.func(args)
 
 
-@needs_sources
 def test_few_shot_from_the_command_line_is_seeded_and_keeps_the_whole_test_split(mtil_root, tmp_path, capsys):
     def build(folder, seed):
         assert run_cli(["streams", "build", "mtil", "--root", str(mtil_root), "--out", str(tmp_path / folder),
@@ -202,7 +193,6 @@ def test_few_shot_from_the_command_line_is_seeded_and_keeps_the_whole_test_split
         [k for k, _ in split_samples(other, other.tasks[0].train)]
 
 
-@needs_sources
 def test_missing_or_misplaced_datasets_fail_before_any_work_naming_path_and_layout(mtil_root, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(MissingDatasetError) as caught:
@@ -311,7 +301,6 @@ def more_root(tmp_path_factory):
 OTHERS = ["fgvc-aircraft", "caltech101", "food101", "oxford-pet", "stanford-cars", "sun397"]
 
 
-@needs_sources
 def test_mtil_reads_the_other_torchvision_layouts(more_root, tmp_path):
     import torch
 

@@ -115,14 +115,14 @@ def run_and_manifest(flickr, images, out):
     return from_karpathy(flickr, images, out, chunks=3, train_splits=["train", "val"])
 
 
-def test_p9d_release_becomes_nine_industry_tasks_in_ctp_order(digit_photos, tmp_path):
-    root = tmp_path / "Product9D"
+def write_p9d_release(root, photos):
+    """P9D's release layout for 15 (caption, JPEG) pairs: 3 industries, 4 train items and 1 test item each."""
     (root / "json").mkdir(parents=True)
     for folder in ("train_images", "gallery_images"):
         (root / folder).mkdir()
     industries = ["家居用品", "家装家饰", "食品/保健"]
     train, test = {i: {} for i in industries}, {}
-    for index, (caption, path) in enumerate(digit_photos[:15]):
+    for index, (caption, path) in enumerate(photos[:15]):
         industry, item_id = industries[index % 3], str(600000 + index)
         info = {"title": f"{caption} (Item #{index}):  NEW!", "cate_name": f"cate{index % 2}"}
         if index < 12:
@@ -133,7 +133,11 @@ def test_p9d_release_becomes_nine_industry_tasks_in_ctp_order(digit_photos, tmp_
             (root / "gallery_images" / f"{item_id}.jpg").write_bytes(path.read_bytes())
     (root / "json" / "train.json").write_text(json.dumps(train, ensure_ascii=False))
     (root / "json" / "test.json").write_text(json.dumps(test, ensure_ascii=False))
+    return root
 
+
+def test_p9d_release_becomes_nine_industry_tasks_in_ctp_order(digit_photos, tmp_path):
+    root = write_p9d_release(tmp_path / "Product9D", digit_photos)
     spec = load_stream(from_p9d(root, tmp_path / "p9d"))
     assert spec.name == "p9d" and [t.name for t in spec.tasks] == ["household", "furnishings", "food"]
     assert [(t.train.samples, t.eval.samples) for t in spec.tasks] == [(4, 1), (4, 1), (4, 1)]
