@@ -41,4 +41,4 @@ offline-benchmark: venv sources
 	$(PY) bench/offline_benchmark.py
 
 clean:
-	rm -rf vlcl_runs mlruns mlflow.db
+	rm -rf vlcl_runs vlcl_reports mlruns mlflow.db
