@@ -1,26 +1,35 @@
 """Sweep efficiency: the full grid, ASHA + the forgetting stopper, and population-based training
-(PBT), side by side in one run, on the same space.
+(PBT), side by side in one run, on a space where the settings matter.
 
-All sweeps search the same space on the same small stream (the first tasks of the built-in digits
-stream, scored task-incrementally; tiny model from scratch) with the same seeds, so a configuration
-trains identically in grid and ASHA; the only difference is which trials are cut short. PBT starts
-a population half the grid's size, drawn from the same choices, and at every task boundary lets
-its bottom quarter continue from its top quarter's state with a neighbouring value of each choice.
+The benchmark: experience replay (a 200-sample memory) over the built-in digits stream (5 tasks,
+each scored over its own two digits; tiny model from scratch, 450 steps a task, which is what every
+task needs to learn: see DEMO_DEFAULTS), searching the learning rate and the weight of the replayed
+rows' loss. replay_weight 0 is fine-tuning with a memory it ignores: it forgets tens of points, so
+configurations differ by far more than seeds do. The grid runs twice, seeds 0 and 1: the spread of
+each configuration's objective between the seeds is the noise a search must beat.
+
+All sweeps search the same space with the same seed, so a configuration trains identically in grid
+and ASHA; the only difference is which trials are cut short. PBT starts a population half the
+grid's size, drawn from the same choices, and at every task boundary lets its bottom quarter
+continue from its top quarter's state with a neighbouring value of each choice.
 Printed:
 
+- noise: per configuration, |objective(seed 0) - objective(seed 1)| of the grid; the grid's spread
+  (best - worst) beside it;
 - compute: trial-tasks trained (one trial-task = one task of one trial, trained and evaluated),
-  each sweep's and its ratio to the grid's, and wall time;
+  each sweep's and its ratio to the grid's, and wall time and its ratio;
 - quality: the best final objective each finds (trials that trained every task) and whether it is
   within one point (0.01) of the grid's best. ASHA's best is judged by the grid's own final
   objective for that configuration; PBT's best is a per-task schedule, judged by its own objective.
 
-    .venv/bin/python bench/sweep_efficiency.py                 # 4 tasks, 8 configurations, 80 steps per task
-    .venv/bin/python bench/sweep_efficiency.py --tasks 5 --steps 20
+    .venv/bin/python bench/sweep_efficiency.py                  # ~15 min on 2 cores
+    .venv/bin/python bench/sweep_efficiency.py --tasks 3 --steps 200 --noise-seeds 0   # quicker look
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -40,11 +49,6 @@ def first_tasks(manifest: Path, count: int, folder: Path) -> Path:
     data = stream.model_dump(exclude={"root"})
     data["name"] = f"{stream.name}{count}"
     data["tasks"] = data["tasks"][:count]
-    # Task-incremental scoring (each task over its own two digits): a from-scratch tiny model learns
-    # that within the steps and forgets it measurably, so configurations differ. Scored over all ten
-    # digits (the demo's class-incremental setting) every configuration stays near chance, and which
-    # one "wins" is noise.
-    data["eval_classifier"] = "task"
     for task in data["tasks"]:
         for split in ("train", "eval"):
             task[split]["shards"] = [str(Path(stream.root) / s) for s in task[split]["shards"]]
@@ -53,18 +57,20 @@ def first_tasks(manifest: Path, count: int, folder: Path) -> Path:
     return path
 
 
-def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str) -> dict:
+def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str, seed: int = 0) -> dict:
     early_stopping = scheduler == "asha"
     return {
         "name": name,
-        "base": {"stream": str(manifest), "model": {"name": "vlcl-tiny"}, "method": {"name": "finetune"},
-                 "train": {"batch_size": 32, "max_steps_per_task": args.steps, "epochs_per_task": 1},
+        "base": {"stream": str(manifest), "model": {"name": "vlcl-tiny"},
+                 "method": {"name": "er", "hparams": {"memory_size": args.memory_size}},
+                 "train": {"batch_size": 32, "max_steps_per_task": args.steps, "epochs_per_task": 1000,
+                           "warmup_steps": 10, "seed": seed},
                  "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "sweep-efficiency",
                               "checkpoints": "none"},
                  "output_dir": str(folder / "runs")},
         "use_default_space": False,
         "space": {"train.lr": {"type": "choice", "values": args.lrs},
-                  "label_smoothing": {"type": "choice", "values": args.label_smoothing}},
+                  "replay_weight": {"type": "choice", "values": args.replay_weights}},
         "search": ({"algorithm": "random", "num_samples": args.population, "seed": 0} if scheduler == "pbt"
                    else {"algorithm": "grid", "num_samples": 1}),
         "objective": {"name": "weighted", "accuracy_weight": 1.0, "forgetting_weight": 1.0},
@@ -79,6 +85,14 @@ def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str)
     }
 
 
+def seed_noise(grid, other) -> tuple[float, float]:
+    """(mean, max) of |objective| differences of the same configurations trained with two seeds."""
+    finals = {config_key(t.params): t.final_objective for t in grid.trials if t.status == "completed"}
+    gaps = [abs(finals[config_key(t.params)] - t.final_objective) for t in other.trials
+            if t.status == "completed" and config_key(t.params) in finals]
+    return (sum(gaps) / len(gaps), max(gaps)) if gaps else (float("nan"), float("nan"))
+
+
 def config_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
@@ -91,7 +105,7 @@ def compare_pbt(grid, pbt) -> dict:
         "pbt_within_one_point": bool(pbt.best and grid.best
                                      and grid.best.final_objective - pbt.best.final_objective <= ONE_POINT),
         "pbt_exploits": sum(t.exploited_from is not None for t in pbt.trials),
-        "pbt_best_schedule": [{k: v for k, v in s.items() if k in ("task", "lr")} | {"label_smoothing": s["hparams"].get("label_smoothing")}
+        "pbt_best_schedule": [{k: v for k, v in s.items() if k in ("task", "lr")} | {"replay_weight": s["hparams"].get("replay_weight")}
                               for s in pbt.best.task_settings] if pbt.best else [],
     }
 
@@ -117,17 +131,24 @@ def compare(grid, asha) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=4, help="first N tasks of the digits stream")
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps per task")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 5e-4, 2e-3, 8e-3])
-    parser.add_argument("--label-smoothing", type=float, nargs="+", default=[0.0, 0.2])
+    parser.add_argument("--tasks", type=int, default=5, help="first N tasks of the digits stream")
+    parser.add_argument("--steps", type=int, default=450, help="optimizer steps per task")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3])
+    parser.add_argument("--replay-weights", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0])
+    parser.add_argument("--memory-size", type=int, default=200)
+    parser.add_argument("--noise-seeds", type=int, nargs="*", default=[1],
+                        help="grid reruns with these train seeds, for the seed noise (none: skip)")
     parser.add_argument("--forgetting-bound", type=float, default=0.3)
-    parser.add_argument("--cpus-per-worker", type=float, default=0.5)
-    parser.add_argument("--concurrent", type=int, default=1, help="grid and ASHA trials at once (1 on a 2-core machine)")
-    parser.add_argument("--population", type=int, default=4, help="PBT trials (default: half the 8-configuration grid)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--concurrent", type=int, default=2, help="grid and ASHA trials at once (2 on a 2-core machine)")
+    parser.add_argument("--population", type=int, default=None, help="PBT trials (default: half the grid)")
     parser.add_argument("--out", type=Path, default=None, help="keep sweeps, runs and mlflow.db here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-
+    grid_size = len(args.lrs) * len(args.replay_weights)
+    args.population = args.population or max(2, grid_size // 2)
+    # PBT's whole population runs at once, so it shares the machine's CPUs
+    pbt_cpus = min(args.cpus_per_worker, (os.cpu_count() or 2) / args.population)
     from orchestrator.runtime import ensure_ray
     from orchestrator.sweep import format_leaderboard, run_sweep
     from orchestrator.sweep_config import plan_sweep
@@ -138,28 +159,45 @@ def main() -> int:
     ensure_ray()
     manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
     results, seconds = {}, {}
-    for name in ("grid", "asha", "pbt"):
+    runs = [("grid", "grid", 0), ("asha", "asha", 0), ("pbt", "pbt", 0)] + [
+        (f"grid-seed{seed}", "grid", seed) for seed in args.noise_seeds]
+    for name, scheduler, seed in runs:
         started = time.time()
-        plan = plan_sweep(sweep_mapping(f"bench-{name}", manifest, folder, args, name), source=f"bench {name}")
+        mapping = sweep_mapping(f"bench-{name}", manifest, folder, args, scheduler, seed)
+        if scheduler == "pbt":
+            mapping["resources"]["cpus_per_worker"] = pbt_cpus
+        plan = plan_sweep(mapping, source=f"bench {name}")
         results[name] = run_sweep(plan, quiet=True)
         seconds[name] = time.time() - started
-        print(format_leaderboard(results[name]), "\n", flush=True)
+        print(f"## {name} ({seconds[name]:.0f} s)\n{format_leaderboard(results[name])}\n", flush=True)
     summary = compare(results["grid"], results["asha"]) | compare_pbt(results["grid"], results["pbt"])
-    print(f"stream: first {args.tasks} digits tasks (task-incremental scoring); grid {len(args.lrs)} lr x {len(args.label_smoothing)} label smoothing; "
-          f"{args.steps} steps per task; objective seen_avg - forgetting")
+    grid_finals = [t.final_objective for t in results["grid"].trials if t.status == "completed"]
+    summary |= {"grid_spread": max(grid_finals) - min(grid_finals), "seconds": seconds,
+                "asha_wall_ratio": seconds["asha"] / seconds["grid"], "pbt_wall_ratio": seconds["pbt"] / seconds["grid"]}
+    for seed in args.noise_seeds:
+        summary[f"noise_seed{seed}"] = seed_noise(results["grid"], results[f"grid-seed{seed}"])
+    print(f"stream: first {args.tasks} digits tasks (task-incremental); ER memory {args.memory_size}; grid "
+          f"{len(args.lrs)} lr x {len(args.replay_weights)} replay_weight; {args.steps} steps per task; "
+          f"objective seen_avg - forgetting")
+    for seed in args.noise_seeds:
+        mean, worst = summary[f"noise_seed{seed}"]
+        print(f"seed noise (grid, seed 0 vs {seed}): mean {mean:.4f}, max {worst:.4f}; grid spread best - worst "
+              f"{summary['grid_spread']:.4f}")
     print(f"compute (trial-tasks trained): grid {summary['grid_trial_tasks']}, ASHA + forgetting stopper "
-          f"{summary['asha_trial_tasks']}  -> ratio {summary['compute_ratio']:.2f} "
-          f"(wall {seconds['grid']:.0f} s vs {seconds['asha']:.0f} s)")
+          f"{summary['asha_trial_tasks']} -> ratio {summary['compute_ratio']:.2f}; wall {seconds['grid']:.0f} s vs "
+          f"{seconds['asha']:.0f} s -> ratio {summary['asha_wall_ratio']:.2f}")
     print(f"stopped early: {summary['asha_stopped']}")
     print(f"best: grid {summary['grid_best']} ({summary['grid_best_objective']:.4f}); "
           f"ASHA {summary['asha_best']} ({summary['asha_best_objective']:.4f}); same config: {summary['same_best']}; "
           f"within one point: {summary['within_one_point']}")
     print(f"PBT: population {args.population}, trial-tasks {summary['pbt_trial_tasks']} -> ratio "
-          f"{summary['pbt_compute_ratio']:.2f} of the grid's (wall {seconds['pbt']:.0f} s); {summary['pbt_exploits']} "
-          f"trials finished on a state copied from another trial; best objective {summary['pbt_best_objective']:.4f}; "
-          f"within one point of the grid's best: {summary['pbt_within_one_point']}")
+          f"{summary['pbt_compute_ratio']:.2f}; wall {seconds['pbt']:.0f} s -> ratio {summary['pbt_wall_ratio']:.2f}; "
+          f"{summary['pbt_exploits']} trials finished on a state copied from another trial; best objective "
+          f"{summary['pbt_best_objective']:.4f}; within one point of the grid's best: {summary['pbt_within_one_point']}")
     print(f"PBT's best schedule: {summary['pbt_best_schedule']}")
     print(f"artifacts in {folder}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2, default=str))
     return 0
 
 
