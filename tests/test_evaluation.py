@@ -151,11 +151,15 @@ def test_the_union_of_seen_sets_is_one_gallery_with_each_sets_captions_kept_on_i
     from orchestrator.evaluation import recalls_from_features, union_of
 
     generator = torch.Generator().manual_seed(2)
-    first = (torch.nn.functional.normalize(torch.randn(3, 4, generator=generator), dim=-1), None, torch.tensor([0, 0, 1, 2]))
-    second = (torch.nn.functional.normalize(torch.randn(2, 4, generator=generator), dim=-1), None, torch.tensor([0, 1, 1]))
-    first = (first[0], torch.nn.functional.normalize(first[0][first[2]] + torch.randn(4, 4, generator=generator), dim=-1), first[2])
-    second = (second[0], torch.nn.functional.normalize(second[0][second[2]] + torch.randn(3, 4, generator=generator), dim=-1), second[2])
+
+    def eval_set(images: int, caption_image: list[int]):
+        image_features = torch.nn.functional.normalize(torch.randn(images, 4, generator=generator), dim=-1)
+        owners = torch.tensor(caption_image)
+        noisy = image_features[owners] + torch.randn(len(owners), 4, generator=generator)
+        return image_features, torch.nn.functional.normalize(noisy, dim=-1), owners
+
+    first, second = eval_set(3, [0, 0, 1, 2]), eval_set(2, [0, 1, 1])
     images, texts, owners = union_of([first, second])
-    assert owners.tolist() == [0, 0, 1, 2, 3, 4, 4]
-    assert recalls_from_features(images, texts, owners) == recalls_from_similarity(
-        torch.cat([first[0], second[0]]) @ torch.cat([first[1], second[1]]).t(), owners)
+    assert owners.tolist() == [0, 0, 1, 2, 3, 4, 4]  # the second set's captions follow its images
+    whole = torch.cat([first[0], second[0]]) @ torch.cat([first[1], second[1]]).t()
+    assert recalls_from_features(images, texts, owners) == recalls_from_similarity(whole, owners)
