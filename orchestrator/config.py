@@ -318,11 +318,9 @@ DEMO_DEFAULTS = {"train": {"epochs_per_task": 50, "warmup_steps": 10}}
 
 def load_run_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The config from a YAML file (or the built-in demo: DEMO_DEFAULTS) with `key.sub=value` overrides."""
-    data: dict = {}
-    source = "built-in defaults"
     if path is None:
-        data = copy.deepcopy(DEMO_DEFAULTS)
-    if path is not None:
+        data, source = copy.deepcopy(DEMO_DEFAULTS), "built-in defaults"
+    else:
         source = str(path)
         data = read_yaml_mapping(path, ConfigError, "run config", "of sections: stream, model, method, train, ...",
                                  allow_empty=True)

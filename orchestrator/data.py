@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from methods.models import TokenizerFactory, normalize_pixels
-from orchestrator.plan import RunPlan, SplitPlan, TaskPlan
+from orchestrator.plan import RunPlan, TaskPlan
 from streams.local_reader import DecodedSplit, iter_split, read_split
 from streams.samples import RowDecoder
 
@@ -41,8 +41,12 @@ class WorkerData:
                           on_bad_sample=self.config.data.on_bad_sample,
                           ship_encoded=self.config.data.decode == "device", all_captions=all_captions)
 
-    def _read(self, split: SplitPlan, classes, share: tuple[int, int], all_captions: bool = False) -> DecodedSplit:
-        decoded = read_split(list(split.urls), self._decoder(classes, all_captions), cap=split.cap, share=share)
+    def _eval_decoder(self, task: TaskPlan) -> RowDecoder:
+        # retrieval is scored over every caption of each image (COCO/Flickr30K: five)
+        return self._decoder(task.classes, all_captions=task.kind == "retrieval")
+
+    def _read_eval(self, task: TaskPlan, share: tuple[int, int]) -> DecodedSplit:
+        decoded = read_split(list(task.eval.urls), self._eval_decoder(task), cap=task.eval.cap, share=share)
         self.skipped.extend(decoded.skipped)
         return decoded
 
@@ -132,9 +136,7 @@ class WorkerData:
                 self._eval_cache[key] = self._shared_or_read(task)
             chunks = [self._eval_cache[key]]
         else:
-            # retrieval is scored over every caption of each image (COCO/Flickr30K: five)
-            chunks = iter_split(list(task.eval.urls), self._decoder(task.classes, task.kind == "retrieval"),
-                                cap=task.eval.cap,
+            chunks = iter_split(list(task.eval.urls), self._eval_decoder(task), cap=task.eval.cap,
                                 share=(self.rank, self.world), chunk_rows=EVAL_CHUNK_ROWS)
         for chunk in chunks:
             if not task.eval.cached:
@@ -151,9 +153,8 @@ class WorkerData:
         rows: the first one that does offers them to the sweep's SharedValues actor and the others
         take them (keyed by everything that decides the decoded rows, this worker's share included)."""
         share = (self.rank, self.world)
-        all_captions = task.kind == "retrieval"
         if self.plan.shared is None:
-            return self._read(task.eval, task.classes, share, all_captions)
+            return self._read_eval(task, share)
         import ray
 
         from orchestrator.plan import eval_set_key
@@ -164,7 +165,7 @@ class WorkerData:
             self.skipped.extend(found["split"].skipped)  # counted in every run that scores these rows
             self.eval_sets_decoded_by.add(found["run_id"])
             return found["split"]
-        split = self._read(task.eval, task.classes, share, all_captions)
+        split = self._read_eval(task, share)
         self.plan.shared.put.remote(key, {"split": split, "run_id": self.plan.run_id})
         return split
 

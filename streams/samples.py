@@ -26,6 +26,17 @@ def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
 
 
+def _parsed_json(row: dict):
+    """The sample's .json, parsed (None when it has none); ValueError when it does not parse."""
+    meta = row.get("json")
+    if not _present(meta):
+        return None
+    try:
+        return json.loads(meta)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f".json does not parse ({err})") from None
+
+
 class RowDecoder:
     """Raw webdataset columns -> `pixels` (N,H,W,3) uint8, `text` (N,L) int64, `label` (N,) int64, `key`.
 
@@ -74,13 +85,7 @@ class RowDecoder:
     def captions_of(self, row: dict, caption: str) -> list[str]:
         """Every caption of the sample's image: its .json `captions` list (COCO and Flickr30K write
         all five) or, without one, the .txt alone (P9D: one title per image)."""
-        meta = row.get("json")
-        if not _present(meta):
-            return [caption]
-        try:
-            meta = json.loads(meta)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f".json does not parse ({err})") from None
+        meta = _parsed_json(row)
         captions = meta.get("captions") if isinstance(meta, dict) else None
         if captions is None:
             return [caption]
@@ -91,13 +96,9 @@ class RowDecoder:
     def label_of(self, row: dict) -> int:
         if not self.classes:
             return -1
-        meta = row.get("json")
-        if not _present(meta):
+        if not _present(row.get("json")):
             raise ValueError("no .json with `label` or `class` in a classification task")
-        try:
-            meta = json.loads(meta)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f".json does not parse ({err})") from None
+        meta = _parsed_json(row)
         label = meta.get("label") if isinstance(meta, dict) else None
         if isinstance(label, int) and not isinstance(label, bool):
             if not 0 <= label < len(self.classes):
