@@ -57,7 +57,8 @@ def first_tasks(manifest: Path, count: int, folder: Path) -> Path:
     return path
 
 
-def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str, seed: int = 0) -> dict:
+def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str, seed: int = 0,
+                  pbt_interval: int = 1) -> dict:
     early_stopping = scheduler == "asha"
     return {
         "name": name,
@@ -74,13 +75,17 @@ def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str,
         "search": ({"algorithm": "random", "num_samples": args.population, "seed": 0} if scheduler == "pbt"
                    else {"algorithm": "grid", "num_samples": 1}),
         "objective": {"name": "weighted", "accuracy_weight": 1.0, "forgetting_weight": 1.0},
-        "scheduler": ({"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.25, "resample_probability": 0.25}
-                      if scheduler == "pbt" else
-                      {"type": "asha" if early_stopping else "none", "grace_period": 1, "reduction_factor": 2}),
+        "scheduler": ({"type": "pbt", "perturbation_interval": pbt_interval, "quantile_fraction": 0.25,
+                       "resample_probability": 0.25} if scheduler == "pbt" else
+                      {"type": "asha" if early_stopping else "none", "grace_period": args.asha_grace,
+                       "reduction_factor": args.asha_reduction}),
         "stop": [{"metric": "cl/forgetting", "max": args.forgetting_bound, "after_task": 2}] if early_stopping else [],
-        # PBT compares its whole population at every task boundary: all of it runs at once.
+        # PBT compares its whole population at every task boundary: all of it runs at once. So does
+        # ASHA's: run in turns, the first trials reach every rung with no peers there, and no rule
+        # can stop them (measured: 2 at a time, 0.85 of the grid's compute).
         "resources": {"workers": 1, "cpus_per_worker": args.cpus_per_worker,
-                      "max_concurrent_trials": args.population if scheduler == "pbt" else args.concurrent},
+                      "max_concurrent_trials": {"pbt": args.population, "asha": args.grid_size}.get(
+                          scheduler, args.concurrent)},
         "storage_path": str(folder / "sweeps"),
     }
 
@@ -97,17 +102,17 @@ def config_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
-def compare_pbt(grid, pbt) -> dict:
-    return {
-        "pbt_trial_tasks": pbt.trial_tasks_trained,
-        "pbt_compute_ratio": pbt.trial_tasks_trained / grid.trial_tasks_trained,
-        "pbt_best_objective": pbt.best.final_objective if pbt.best else None,
-        "pbt_within_one_point": bool(pbt.best and grid.best
-                                     and grid.best.final_objective - pbt.best.final_objective <= ONE_POINT),
-        "pbt_exploits": sum(t.exploited_from is not None for t in pbt.trials),
-        "pbt_best_schedule": [{k: v for k, v in s.items() if k in ("task", "lr")} | {"replay_weight": s["hparams"].get("replay_weight")}
-                              for s in pbt.best.task_settings] if pbt.best else [],
-    }
+def compare_pbt(grid, pbt, name: str = "pbt") -> dict:
+    return {f"{name}_{key}": value for key, value in {
+        "trial_tasks": pbt.trial_tasks_trained,
+        "compute_ratio": pbt.trial_tasks_trained / grid.trial_tasks_trained,
+        "best_objective": pbt.best.final_objective if pbt.best else None,
+        "within_one_point": bool(pbt.best and grid.best
+                                 and grid.best.final_objective - pbt.best.final_objective <= ONE_POINT),
+        "exploits": sum(t.exploited_from is not None for t in pbt.trials),
+        "best_schedule": [{k: v for k, v in s.items() if k in ("task", "lr")} | {"replay_weight": s["hparams"].get("replay_weight")}
+                          for s in pbt.best.task_settings] if pbt.best else [],
+    }.items()}
 
 
 def compare(grid, asha) -> dict:
@@ -140,15 +145,25 @@ def main() -> int:
                         help="grid reruns with these train seeds, for the seed noise (none: skip)")
     parser.add_argument("--forgetting-bound", type=float, default=0.3)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--concurrent", type=int, default=2, help="grid and ASHA trials at once (2 on a 2-core machine)")
+    parser.add_argument("--concurrent", type=int, default=2, help="grid trials at once (2 on a 2-core machine)")
+    parser.add_argument("--asha-grace", type=int, default=2,
+                        help="tasks before ASHA's first rung (after task 1 the memory is empty: replay_weight "
+                             "cannot matter yet)")
+    parser.add_argument("--asha-reduction", type=float, default=4.0, help="ASHA keeps the top 1/this at a rung")
+    parser.add_argument("--pbt-intervals", type=int, nargs="+", default=[1, 2],
+                        help="PBT runs, one per perturbation interval (tasks between exploit steps)")
     parser.add_argument("--population", type=int, default=None, help="PBT trials (default: half the grid)")
     parser.add_argument("--out", type=Path, default=None, help="keep sweeps, runs and mlflow.db here")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--only", nargs="+", default=None, metavar="SWEEP",
+                        help="run just these sweeps (no comparison printed; for profiling one)")
     args = parser.parse_args()
-    grid_size = len(args.lrs) * len(args.replay_weights)
-    args.population = args.population or max(2, grid_size // 2)
-    # PBT's whole population runs at once, so it shares the machine's CPUs
-    pbt_cpus = min(args.cpus_per_worker, (os.cpu_count() or 2) / args.population)
+    args.grid_size = len(args.lrs) * len(args.replay_weights)
+    args.population = args.population or max(2, args.grid_size // 2)
+    # PBT's and ASHA's trials all run at once, so they share the machine's CPUs
+    cpus = {"pbt": min(args.cpus_per_worker, (os.cpu_count() or 2) / args.population),
+            "asha": min(args.cpus_per_worker, (os.cpu_count() or 2) / args.grid_size)}
+    pbt_names = [f"pbt-every{interval}" for interval in args.pbt_intervals]
     from orchestrator.runtime import ensure_ray
     from orchestrator.sweep import format_leaderboard, run_sweep
     from orchestrator.sweep_config import plan_sweep
@@ -159,21 +174,29 @@ def main() -> int:
     ensure_ray()
     manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
     results, seconds = {}, {}
-    runs = [("grid", "grid", 0), ("asha", "asha", 0), ("pbt", "pbt", 0)] + [
+    runs = [("grid", "grid", 0), ("asha", "asha", 0)] + [(name, "pbt", 0) for name in pbt_names] + [
         (f"grid-seed{seed}", "grid", seed) for seed in args.noise_seeds]
+    if args.only:
+        runs = [run for run in runs if run[0] in args.only]
     for name, scheduler, seed in runs:
         started = time.time()
-        mapping = sweep_mapping(f"bench-{name}", manifest, folder, args, scheduler, seed)
-        if scheduler == "pbt":
-            mapping["resources"]["cpus_per_worker"] = pbt_cpus
+        mapping = sweep_mapping(f"bench-{name}", manifest, folder, args, scheduler, seed,
+                                pbt_interval=int(name.removeprefix("pbt-every")) if scheduler == "pbt" else 1)
+        if scheduler in cpus:
+            mapping["resources"]["cpus_per_worker"] = cpus[scheduler]
         plan = plan_sweep(mapping, source=f"bench {name}")
         results[name] = run_sweep(plan, quiet=True)
         seconds[name] = time.time() - started
         print(f"## {name} ({seconds[name]:.0f} s)\n{format_leaderboard(results[name])}\n", flush=True)
-    summary = compare(results["grid"], results["asha"]) | compare_pbt(results["grid"], results["pbt"])
+    if args.only:
+        return 0
+    summary = compare(results["grid"], results["asha"])
+    for name in pbt_names:
+        summary |= compare_pbt(results["grid"], results[name], name)
     grid_finals = [t.final_objective for t in results["grid"].trials if t.status == "completed"]
     summary |= {"grid_spread": max(grid_finals) - min(grid_finals), "seconds": seconds,
-                "asha_wall_ratio": seconds["asha"] / seconds["grid"], "pbt_wall_ratio": seconds["pbt"] / seconds["grid"]}
+                "asha_wall_ratio": seconds["asha"] / seconds["grid"]}
+    summary |= {f"{name}_wall_ratio": seconds[name] / seconds["grid"] for name in pbt_names}
     for seed in args.noise_seeds:
         summary[f"noise_seed{seed}"] = seed_noise(results["grid"], results[f"grid-seed{seed}"])
     print(f"stream: first {args.tasks} digits tasks (task-incremental); ER memory {args.memory_size}; grid "
@@ -190,11 +213,13 @@ def main() -> int:
     print(f"best: grid {summary['grid_best']} ({summary['grid_best_objective']:.4f}); "
           f"ASHA {summary['asha_best']} ({summary['asha_best_objective']:.4f}); same config: {summary['same_best']}; "
           f"within one point: {summary['within_one_point']}")
-    print(f"PBT: population {args.population}, trial-tasks {summary['pbt_trial_tasks']} -> ratio "
-          f"{summary['pbt_compute_ratio']:.2f}; wall {seconds['pbt']:.0f} s -> ratio {summary['pbt_wall_ratio']:.2f}; "
-          f"{summary['pbt_exploits']} trials finished on a state copied from another trial; best objective "
-          f"{summary['pbt_best_objective']:.4f}; within one point of the grid's best: {summary['pbt_within_one_point']}")
-    print(f"PBT's best schedule: {summary['pbt_best_schedule']}")
+    for name in pbt_names:
+        print(f"PBT, exploit every {name.removeprefix('pbt-every')} task(s): population {args.population}, trial-tasks "
+              f"{summary[name + '_trial_tasks']} -> ratio {summary[name + '_compute_ratio']:.2f}; wall {seconds[name]:.0f} s "
+              f"-> ratio {summary[name + '_wall_ratio']:.2f}; {summary[name + '_exploits']} trials finished on a state "
+              f"copied from another trial; best objective {summary[name + '_best_objective']:.4f}; within one point "
+              f"of the grid's best: {summary[name + '_within_one_point']}")
+        print(f"  its best schedule: {summary[name + '_best_schedule']}")
     print(f"artifacts in {folder}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str))

@@ -66,6 +66,14 @@ def survivors_population_based_training(**pbt_args):
                                  and self._trial_state[trial].last_train_time >= self._next_perturbation_sync
                                  for trial in survivors):
                 self._perturb(tune_controller, survivors)
+            # Tune stages one trial per call. Ray's pick is the lowest `last_train_time` among
+            # PENDING and PAUSED trials, so it names the trial staged last time (PENDING until its
+            # actor runs) again and again, and the population resumed one trial after another.
+            # Pick a paused trial not yet staged first.
+            paused = [trial for trial in tune_controller.get_trials() if trial.status == Trial.PAUSED
+                      and self._trial_state[trial].last_train_time < self._next_perturbation_sync]
+            if paused:
+                return min(paused, key=lambda trial: self._trial_state[trial].last_train_time)
             return super().choose_trial_to_run(tune_controller)
 
         def _perturb(self, tune_controller, survivors: list) -> None:

@@ -212,6 +212,47 @@ def test_pbt_perturbs_the_survivors_when_the_trial_they_waited_for_errors_and_ne
     assert a.checkpoint.path == "/checkpoints/a/task_2" and e.status == Trial.ERROR
 
 
+def test_pbt_resumes_the_whole_population_after_a_boundary_not_one_trial_at_a_time():
+    """Tune stages the one trial `choose_trial_to_run` names per step, and a staged trial is PENDING
+    until its actor runs. Ray's choice is the lowest `last_train_time` among PENDING and PAUSED
+    trials, so it named the staged trial again and again: measured, 4 trials resumed 7 s apart, each
+    once the one before it had trained its task and paused. Ours names a paused trial not yet staged."""
+    from ray.tune.experiment import Trial
+
+    from orchestrator.sweep_tune import survivors_population_based_training
+
+    class Population:
+        search_alg = None
+
+        def __init__(self, trials):
+            self.trials = trials
+
+        def get_trials(self):
+            return self.trials
+
+        def get_live_trials(self):
+            return set(self.trials)
+
+    scheduler = survivors_population_based_training(
+        time_attr="task", metric=OBJECTIVE_KEY, mode="max", perturbation_interval=1, quantile_fraction=0.25,
+        hyperparam_mutations={"train.lr": [1e-4, 1e-3]}, resample_probability=0.0, log_config=False)
+    trials = [Trial("run_trial", config={"train.lr": 1e-3}, trial_id=name, stub=True) for name in "abcd"]
+    population = Population(trials)
+    for trial in trials:
+        scheduler.on_trial_add(population, trial)
+        scheduler._trial_state[trial].last_train_time = 1  # every trial reported task 1 and was perturbed
+        trial.set_status(Trial.PAUSED)
+    scheduler._next_perturbation_sync = 2
+
+    staged = []
+    for _ in trials:  # as Tune's controller: stage the named trial (PENDING until its actor starts)
+        chosen = scheduler.choose_trial_to_run(population)
+        assert chosen is not None and chosen not in staged
+        chosen.set_status(Trial.PENDING)
+        staged.append(chosen)
+    assert sorted(trial.trial_id for trial in staged) == ["a", "b", "c", "d"]
+
+
 def test_a_pbt_schedule_becomes_per_task_settings_of_one_run_config():
     from orchestrator.config import RunConfig
     from orchestrator.sweep_config import schedule_config
