@@ -155,6 +155,27 @@ def test_pbt_perturbs_only_keys_that_can_change_between_tasks():
                     "scheduler": {"type": "pbt"}, "space": {"memory_size": {"type": "choice", "values": [20, 40]}}})
 
 
+class Population:
+    """Tune's controller reduced to what Ray's PBT scheduler asks of it."""
+    search_alg = None
+
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return self.trials
+
+    def get_live_trials(self):  # as Tune's: an errored trial stays in it
+        from ray.tune.experiment import Trial
+
+        return {trial for trial in self.trials if trial.status != Trial.TERMINATED}
+
+    def pause_trial(self, trial, should_checkpoint=True):
+        from ray.tune.experiment import Trial
+
+        trial.set_status(Trial.PAUSED)
+
+
 def test_pbt_perturbs_the_survivors_when_the_trial_they_waited_for_errors_and_never_clones_it():
     """Ray's PBT scheduler on Ray's trial objects, with Tune's controller reduced to what PBT asks
     of it. After task 1 trial e is the best; at task 2, a and b wait, paused, for e, and e errors
@@ -165,21 +186,6 @@ def test_pbt_perturbs_the_survivors_when_the_trial_they_waited_for_errors_and_ne
     from ray.tune.experiment import Trial
 
     from orchestrator.sweep_tune import survivors_population_based_training
-
-    class Population:
-        search_alg = None
-
-        def __init__(self, trials):
-            self.trials = trials
-
-        def get_trials(self):
-            return self.trials
-
-        def get_live_trials(self):  # as Tune's: an errored trial stays in it
-            return {trial for trial in self.trials if trial.status != Trial.TERMINATED}
-
-        def pause_trial(self, trial, should_checkpoint=True):
-            trial.set_status(Trial.PAUSED)
 
     def reach_boundary(trial: Trial, task: int, objective: float) -> None:
         """The trial reports the task with its checkpoint, and Tune pauses it as PBT asks (synch)."""
@@ -220,18 +226,6 @@ def test_pbt_resumes_the_whole_population_after_a_boundary_not_one_trial_at_a_ti
     from ray.tune.experiment import Trial
 
     from orchestrator.sweep_tune import survivors_population_based_training
-
-    class Population:
-        search_alg = None
-
-        def __init__(self, trials):
-            self.trials = trials
-
-        def get_trials(self):
-            return self.trials
-
-        def get_live_trials(self):
-            return set(self.trials)
 
     scheduler = survivors_population_based_training(
         time_attr="task", metric=OBJECTIVE_KEY, mode="max", perturbation_interval=1, quantile_fraction=0.25,
