@@ -2,6 +2,7 @@
 stop rules, the trainable that runs one whole task sequence per trial, and trial resources."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -246,30 +247,31 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
     config = with_overrides(RunConfig(**base), dict(trial_params))
     tags = {"vlcl.sweep_id": sweep_id, "vlcl.trial_id": trial_id}
     checkpoint = tune.get_checkpoint()
-    resume_from, own = None, False
-    if checkpoint is not None:
-        # PBT restarts a trial from a task checkpoint: its own (after a pause: it continues its MLflow
-        # run) or a stronger trial's (an exploit: a new run, tagged with where its state came from).
-        resume_from = checkpoint.to_directory()
-        source_folder = Path(checkpoint.path).parent.name
-        own = source_folder == Path(context.get_trial_dir()).name
-        if not own:
-            donor = re.search(r"[0-9a-f]{5}_\d{5}", source_folder)
-            tasks_done = json.loads((Path(resume_from) / "progress.json").read_text())["tasks_done"]
-            tags |= {"vlcl.exploited_from": donor.group(0) if donor else source_folder,
-                     "vlcl.exploited_after_task": str(tasks_done)}
-    settings = ObjectiveSettings(**objective)
-    if config.train.launch == "in_process":
-        # tune.report returns only once Tune continues the trial: a trial it stops or pauses at that
-        # result trains no task it would throw away.
-        report = TuneTaskReport(settings, num_tasks)
-        run_sequence(config, resume=own, resume_finished=own, resume_from=resume_from, parent_run_id=parent_run_id,
-                     run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared, task_report=report, quiet=True)
-        report.report_final()
-        return
-    run_on_ray_train(config, resume=own, resume_finished=own, resume_from=resume_from, parent_run_id=parent_run_id,
-                     run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared, objective=settings,
-                     num_tasks=num_tasks)
+    # The stored checkpoint itself on local storage (to_directory would leave a copy in /tmp at
+    # every PBT restart), a download removed when the trial ends on remote storage.
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None) as resume_from:
+        own = False
+        if checkpoint is not None:
+            # PBT restarts a trial from a task checkpoint: its own (after a pause: it continues its MLflow
+            # run) or a stronger trial's (an exploit: a new run, tagged with where its state came from).
+            source_folder = Path(checkpoint.path).parent.name
+            own = source_folder == Path(context.get_trial_dir()).name
+            if not own:
+                donor = re.search(r"[0-9a-f]{5}_\d{5}", source_folder)
+                tasks_done = json.loads((Path(resume_from) / "progress.json").read_text())["tasks_done"]
+                tags |= {"vlcl.exploited_from": donor.group(0) if donor else source_folder,
+                         "vlcl.exploited_after_task": str(tasks_done)}
+        settings = ObjectiveSettings(**objective)
+        sequence_args = dict(resume=own, resume_finished=own, resume_from=resume_from, parent_run_id=parent_run_id,
+                             run_name_suffix=f"-{trial_id}", extra_tags=tags, shared=shared)
+        if config.train.launch == "in_process":
+            # tune.report returns only once Tune continues the trial: a trial it stops or pauses at that
+            # result trains no task it would throw away.
+            report = TuneTaskReport(settings, num_tasks)
+            run_sequence(config, task_report=report, quiet=True, **sequence_args)
+            report.report_final()
+            return
+        run_on_ray_train(config, objective=settings, num_tasks=num_tasks, **sequence_args)
 
 
 def run_on_ray_train(config: RunConfig, *, objective: ObjectiveSettings, num_tasks: int, **sequence_args) -> None:

@@ -52,9 +52,10 @@ def train_sequence(plan: RunPlan, worker: RayTrainWorker | InProcessWorker | Non
     autocast = autocast_for(config, device)
     data = WorkerData(plan, rank, world, device, built.image_mean, built.image_std)
     progress, optimizer_state = Progress(), None
-    checkpoint_dir = worker.restart_checkpoint() or plan.resume_from
-    if checkpoint_dir:
-        progress, optimizer_state = restore_checkpoint(Path(checkpoint_dir), model, method)
+    with worker.restart_checkpoint() as restart_dir:
+        checkpoint_dir = restart_dir or plan.resume_from
+        if checkpoint_dir:
+            progress, optimizer_state = restore_checkpoint(Path(checkpoint_dir), model, method)
     broadcast_parameters(model)
     if method.needs_reference_data:  # after restoring: the method keeps reference texts, not images
         method.set_reference_data(*data.reference_data())
@@ -312,11 +313,14 @@ class RayTrainWorker:
 
         return ray.train.torch.get_device()
 
-    def restart_checkpoint(self) -> str | None:
+    def restart_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """The checkpoint's folder while the state is read: the stored one itself on local storage,
+        a download removed afterwards on remote storage (`to_directory` would leave a copy in /tmp
+        at every restart)."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint is not None else None
+        return checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
 
     def report(self, metrics: dict, directory: str | None) -> None:
         import ray.train
@@ -339,8 +343,8 @@ class InProcessWorker:
     def device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
 
-    def restart_checkpoint(self) -> str | None:
-        return None
+    def restart_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        return contextlib.nullcontext(None)
 
     def report(self, metrics: dict, directory: str | None) -> None:
         if self.task_report is not None:

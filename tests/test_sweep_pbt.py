@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,14 @@ def pbt_sweep(ray_session, digits_manifest, tmp_path_factory):
         "storage_path": str(folder / "sweeps"),
     }
     plan = plan_sweep(raw, source="pbt test")
-    return plan, run_sweep(plan, quiet=True), folder
+    copies_before = _checkpoint_copies()
+    result = run_sweep(plan, quiet=True)
+    return plan, result, folder, _checkpoint_copies() - copies_before
+
+
+def _checkpoint_copies() -> set[Path]:
+    """Ray's `Checkpoint.to_directory` copies into the temporary folder under this prefix."""
+    return set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))
 
 
 def _checkpoint(client, run_id: str, task: int, folder: Path) -> tuple[dict, dict, dict]:
@@ -74,7 +82,7 @@ def _runs_by_trial(client, result) -> dict[str, list]:
 def test_the_weak_trial_continues_from_the_strong_trials_teacher_memory_and_matrix(pbt_sweep, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    plan, result, _ = pbt_sweep
+    plan, result, _, _ = pbt_sweep
     client = MlflowClient(plan.base.tracking.uri)
     runs = _runs_by_trial(client, result)
     start_lr = {trial: float(trial_runs[0].data.params["train.lr"]) for trial, trial_runs in runs.items()}
@@ -110,12 +118,20 @@ def test_the_weak_trial_continues_from_the_strong_trials_teacher_memory_and_matr
     assert logged["tasks"] == settings
 
 
+def test_trials_restarted_from_a_checkpoint_leave_no_copy_of_it_in_the_temporary_folder(pbt_sweep):
+    # both trials restart after task 1 (one resumes its own state, one takes the other's); a copy
+    # per restart would fill /tmp over a long sweep of big models
+    _, result, _, copies_left = pbt_sweep
+    assert result.trial_tasks_trained == 2 + 2
+    assert copies_left == set()
+
+
 def test_a_trials_schedule_replays_as_one_run_with_the_same_matrix(pbt_sweep):
     from orchestrator.config import with_overrides
     from orchestrator.sweep_config import pbt_keys, schedule_config
     from orchestrator.run import run_sequence
 
-    plan, result, folder = pbt_sweep
+    plan, result, folder, _ = pbt_sweep
     exploited = next(t for t in result.trials if t.exploited_from)
     config = schedule_config(plan.base, exploited.params, exploited.task_settings, pbt_keys(plan))
     config = with_overrides(config, {"output_dir": str(folder / "replay"), "tracking.checkpoints": "none"})
