@@ -174,14 +174,18 @@ def main() -> int:
     ensure_ray()
     manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
     results, seconds = {}, {}
-    runs = [("grid", "grid", 0), ("asha", "asha", 0)] + [(name, "pbt", 0) for name in pbt_names] + [
-        (f"grid-seed{seed}", "grid", seed) for seed in args.noise_seeds]
+    # (name, scheduler, train seed, PBT's perturbation interval)
+    runs = [("grid", "grid", 0, 1), ("asha", "asha", 0, 1)] + [
+        (name, "pbt", 0, interval) for name, interval in zip(pbt_names, args.pbt_intervals)] + [
+        (f"grid-seed{seed}", "grid", seed, 1) for seed in args.noise_seeds]
     if args.only:
+        unknown = sorted(set(args.only) - {run[0] for run in runs})
+        if unknown:
+            parser.error(f"--only: no sweep named {', '.join(unknown)}; the sweeps are {', '.join(r[0] for r in runs)}")
         runs = [run for run in runs if run[0] in args.only]
-    for name, scheduler, seed in runs:
+    for name, scheduler, seed, interval in runs:
         started = time.time()
-        mapping = sweep_mapping(f"bench-{name}", manifest, folder, args, scheduler, seed,
-                                pbt_interval=int(name.removeprefix("pbt-every")) if scheduler == "pbt" else 1)
+        mapping = sweep_mapping(f"bench-{name}", manifest, folder, args, scheduler, seed, pbt_interval=interval)
         if scheduler in cpus:
             mapping["resources"]["cpus_per_worker"] = cpus[scheduler]
         plan = plan_sweep(mapping, source=f"bench {name}")
@@ -213,8 +217,8 @@ def main() -> int:
     print(f"best: grid {summary['grid_best']} ({summary['grid_best_objective']:.4f}); "
           f"ASHA {summary['asha_best']} ({summary['asha_best_objective']:.4f}); same config: {summary['same_best']}; "
           f"within one point: {summary['within_one_point']}")
-    for name in pbt_names:
-        print(f"PBT, exploit every {name.removeprefix('pbt-every')} task(s): population {args.population}, trial-tasks "
+    for name, interval in zip(pbt_names, args.pbt_intervals):
+        print(f"PBT, exploit every {interval} task(s): population {args.population}, trial-tasks "
               f"{summary[name + '_trial_tasks']} -> ratio {summary[name + '_compute_ratio']:.2f}; wall {seconds[name]:.0f} s "
               f"-> ratio {summary[name + '_wall_ratio']:.2f}; {summary[name + '_exploits']} trials finished on a state "
               f"copied from another trial; best objective {summary[name + '_best_objective']:.4f}; within one point "

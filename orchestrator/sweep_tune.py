@@ -125,7 +125,8 @@ def tune_config(plan: SweepPlan, num_tasks: int, max_concurrent: int):
     limit_by_tune = settings.search.algorithm not in ("random", "grid")
     return tune.TuneConfig(metric=OBJECTIVE_KEY, mode="max", scheduler=scheduler, search_alg=search_alg,
                            num_samples=settings.search.num_samples,
-                           max_concurrent_trials=max_concurrent if limit_by_tune else None)
+                           max_concurrent_trials=max_concurrent if limit_by_tune else None,
+                           reuse_actors=True)
 
 
 def stop_rule_stopper(rules: list[StopRule]):
