@@ -2,7 +2,6 @@
 stop rules, the trainable that runs one whole task sequence per trial, and trial resources."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -242,15 +241,15 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
     from ray import tune
 
     from orchestrator.run import run_sequence
+    from orchestrator.trainer import checkpoint_folder
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
     config = with_overrides(RunConfig(**base), dict(trial_params))
     tags = {"vlcl.sweep_id": sweep_id, "vlcl.trial_id": trial_id}
     checkpoint = tune.get_checkpoint()
-    # The stored checkpoint itself on local storage (to_directory would leave a copy in /tmp at
-    # every PBT restart), a download removed when the trial ends on remote storage.
-    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None) as resume_from:
+    # Open for the whole sequence: an in-process retry after a failure reads resume_from again.
+    with checkpoint_folder(checkpoint) as resume_from:
         own = False
         if checkpoint is not None:
             # PBT restarts a trial from a task checkpoint: its own (after a pause: it continues its MLflow

@@ -297,6 +297,13 @@ def report_task(plan: RunPlan, progress: Progress, model, method, optimizer, wor
         worker.report(metrics, directory)
 
 
+def checkpoint_folder(checkpoint) -> contextlib.AbstractContextManager[str | None]:
+    """A Ray checkpoint's folder while its state is read (None without one): the stored folder
+    itself on local storage, a download removed afterwards on remote storage. `to_directory`
+    would leave a copy in /tmp at every restart."""
+    return checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
+
+
 class RayTrainWorker:
     """The loop on a Ray Train worker: its rank, world size and device from Ray Train's context, the
     checkpoint Ray Train restarts it from after a worker failure (FailureConfig), and each task's
@@ -314,13 +321,9 @@ class RayTrainWorker:
         return ray.train.torch.get_device()
 
     def restart_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
-        """The checkpoint's folder while the state is read: the stored one itself on local storage,
-        a download removed afterwards on remote storage (`to_directory` would leave a copy in /tmp
-        at every restart)."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        return checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
+        return checkpoint_folder(ray.train.get_checkpoint())
 
     def report(self, metrics: dict, directory: str | None) -> None:
         import ray.train
