@@ -281,6 +281,38 @@ def three_task_digits(digits_manifest, folder: Path, count: int = 3) -> Path:
     return path
 
 
+def two_lr_sweep(name: str, manifest: Path, folder: Path, *, train: dict, scheduler: dict,
+                 concurrent: int, **base) -> dict:
+    """A sweep of fine-tuning vlcl-tiny at lr 1e-4 and 1e-3 over `manifest`, with its MLflow store,
+    runs and Tune state under `folder`, each trial on half a CPU in its Tune trial's process."""
+    return {
+        "name": name,
+        "base": {"stream": str(manifest), "model": {"name": "vlcl-tiny"}, "method": {"name": "finetune"},
+                 "train": train, **base,
+                 "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": name, "checkpoints": "none"},
+                 "output_dir": str(folder / "runs")},
+        "use_default_space": False,
+        "space": {"train.lr": {"type": "choice", "values": [1e-4, 1e-3]}},
+        "search": {"algorithm": "grid", "num_samples": 1},
+        "scheduler": scheduler,
+        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": concurrent},
+        "storage_path": str(folder / "sweeps"),
+    }
+
+
+def sweep_command(sweep: dict, folder: Path, **variables: str) -> tuple[list[str], dict]:
+    """`vlcl sweep` of `sweep` (written to folder/sweep.yaml) and its environment: the sweep starts
+    its own local Ray, as a user's does, whose processes see `variables` (a fault to inject)."""
+    import os
+    import sys
+
+    sweep_file = folder / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO), **variables}
+    env.pop("RAY_ADDRESS", None)
+    return [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file)], env
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(ray_session, digits_manifest, tmp_path_factory):
     """3 trials x 3 tasks: lr 1e-7 (learns nothing, forgets nothing), 1e-3 (learns each task and

@@ -6,18 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.test_sweep import three_task_digits
+from tests.test_sweep import sweep_command, three_task_digits, two_lr_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -147,31 +144,18 @@ def test_a_trial_that_errors_leaves_the_rest_of_the_population_to_finish(digits_
     before the boundary, and the other one, paused there, must still be resumed and finish."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = {
-        "name": "pbt-errored",
-        "base": {"stream": str(three_task_digits(digits_manifest, tmp_path)), "model": {"name": "vlcl-tiny"},
-                 "method": {"name": "finetune"},
-                 "train": {"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 10, "log_every_steps": 2},
-                 "tracking": {"uri": uri, "experiment": "pbt-errored", "checkpoints": "none"},
-                 "output_dir": str(tmp_path / "runs")},
-        "use_default_space": False,
-        "space": {"train.lr": {"type": "choice", "values": [1e-4, 1e-3]}},
-        "search": {"algorithm": "grid", "num_samples": 1},
-        "scheduler": {"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 0.0},
-        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 2},
-        "storage_path": str(tmp_path / "sweeps"),
-    }
-    sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    sweep = two_lr_sweep("pbt-errored", three_task_digits(digits_manifest, tmp_path), tmp_path,
+                         train={"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 10, "log_every_steps": 2},
+                         scheduler={"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                                    "resample_probability": 0.0},
+                         concurrent=2)
     marker = tmp_path / "fault-fired"
     # The trials run in Ray's worker processes, which see only the environment Ray started with: the
     # sweep gets its own Ray, started by a `vlcl sweep` that has the fault in its environment.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VLCL_FAULT_AFTER_TASK": "1", "VLCL_FAULT_MARKER": str(marker)}
-    env.pop("RAY_ADDRESS", None)
+    command, env = sweep_command(sweep, tmp_path, VLCL_FAULT_AFTER_TASK="1", VLCL_FAULT_MARKER=str(marker))
     # Its own session: on a hang, the driver and the Ray it started go together.
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file)], cwd=tmp_path,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
     try:
         output, _ = driver.communicate(timeout=480)
     except subprocess.TimeoutExpired:
@@ -181,7 +165,7 @@ def test_a_trial_that_errors_leaves_the_rest_of_the_population_to_finish(digits_
     assert driver.returncode == 0, output[-3000:]
     assert marker.exists(), "precondition: the fault fired"
 
-    client = MlflowClient(uri)
+    client = MlflowClient(sweep["base"]["tracking"]["uri"])
     experiment = client.get_experiment_by_name("pbt-errored")
     parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("vlcl.kind") == "sweep")
     assert parent.info.status == "FINISHED" and parent.data.tags["vlcl.sweep_state"] == "finished"

@@ -2,20 +2,16 @@
 The finished trial is not run again, the interrupted one continues from its last task checkpoint
 in the same MLflow run, and the parent run and leaderboard end complete."""
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.test_sweep import three_task_digits
+from tests.test_sweep import sweep_command, three_task_digits, two_lr_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _trial_dirs(storage: Path) -> list[Path]:
@@ -42,28 +38,12 @@ def test_kill_9_of_the_driver_then_resume_finishes_the_sweep_without_rerunning(d
     # enough to outlast that wait (Tune records its state every few seconds): at 400 steps, once the
     # CPU optimizer was fused (about 8 s a task), the task could end, log its scores to MLflow and be
     # killed before Tune took its result, and the resumed trial then scored task 2 a second time.
-    storage = tmp_path / "sweeps"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = {
-        "name": "driver-kill",
-        "base": {"stream": str(three_task_digits(digits_manifest, tmp_path, count=2)), "model": {"name": "vlcl-tiny"},
-                 "method": {"name": "finetune"},
-                 "train": {"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 400, "log_every_steps": 50},
-                 "per_task": {"1": {"train.max_steps_per_task": 2500}},
-                 "tracking": {"uri": uri, "experiment": "driver-kill", "checkpoints": "none"},
-                 "output_dir": str(tmp_path / "runs")},
-        "use_default_space": False,
-        "space": {"train.lr": {"type": "choice", "values": [1e-4, 1e-3]}},
-        "search": {"algorithm": "grid", "num_samples": 1},
-        "scheduler": {"type": "none"},
-        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 1},
-        "storage_path": str(storage),
-    }
-    sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)  # its own local Ray, as a user's `vlcl sweep` starts
+    sweep = two_lr_sweep("driver-kill", three_task_digits(digits_manifest, tmp_path, count=2), tmp_path,
+                         train={"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 400,
+                                "log_every_steps": 50},
+                         per_task={"1": {"train.max_steps_per_task": 2500}}, scheduler={"type": "none"}, concurrent=1)
+    storage, uri = tmp_path / "sweeps", sweep["base"]["tracking"]["uri"]
+    command, env = sweep_command(sweep, tmp_path)  # its own local Ray, as a user's `vlcl sweep` starts
     driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def second_trial_checkpointed_and_recorded() -> bool:
@@ -121,27 +101,13 @@ def test_a_pbt_sweep_killed_while_a_trial_is_ahead_of_its_checkpoint_stops_and_r
 
     from orchestrator.runtime import owned_ray_processes
 
-    storage = tmp_path / "sweeps"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = {
-        "name": "pbt-kill",
-        "base": {"stream": str(three_task_digits(digits_manifest, tmp_path)), "model": {"name": "vlcl-tiny"},
-                 "method": {"name": "finetune"},
-                 "train": {"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 10, "log_every_steps": 2},
-                 "tracking": {"uri": uri, "experiment": "pbt-kill", "checkpoints": "none"},
-                 "output_dir": str(tmp_path / "runs")},
-        "use_default_space": False,
-        "space": {"train.lr": {"type": "choice", "values": [1e-4, 1e-3]}},
-        "search": {"algorithm": "grid", "num_samples": 1},
-        "scheduler": {"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 0.0},
-        "resources": {"workers": 1, "cpus_per_worker": 0.5, "trial_cpus": 0, "max_concurrent_trials": 2},
-        "storage_path": str(storage),
-    }
-    sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
+    sweep = two_lr_sweep("pbt-kill", three_task_digits(digits_manifest, tmp_path), tmp_path,
+                         train={"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 10, "log_every_steps": 2},
+                         scheduler={"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                                    "resample_probability": 0.0},
+                         concurrent=2)
+    storage, uri = tmp_path / "sweeps", sweep["base"]["tracking"]["uri"]
+    command, env = sweep_command(sweep, tmp_path)
     marker = tmp_path / "held"
     held_env = {**env, "VLCL_HOLD_AFTER_TASK": "2", "VLCL_HOLD_MARKER": str(marker)}
     driver = subprocess.Popen(command, cwd=tmp_path, env=held_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
