@@ -21,8 +21,10 @@ Printed:
 - quality: the best final objective each finds (trials that trained every task) and whether it is
   within one point (0.01) of the grid's best. ASHA's best is judged by the grid's own final
   objective for that configuration; PBT's best is a per-task schedule, judged by its own objective.
+- successive halving replayed on each grid's records: the best any one- or two-rung rule finds at
+  <= 0.5 of the grid's trial-tasks, and the cheapest rule within one point of the grid's best.
 
-    .venv/bin/python bench/sweep_efficiency.py                  # ~15 min on 2 cores
+    .venv/bin/python bench/sweep_efficiency.py                  # ~25 min on 2 cores
     .venv/bin/python bench/sweep_efficiency.py --tasks 3 --steps 200 --noise-seeds 0   # quicker look
 """
 from __future__ import annotations
@@ -134,6 +136,50 @@ def compare(grid, asha) -> dict:
     }
 
 
+def halving_rules(grid, num_tasks: int) -> list[dict]:
+    """Every synchronous successive-halving rule with one or two rungs, replayed on the grid's own
+    per-task records (a configuration trains the same in grid and ASHA): at each rung (after task
+    r) only the top `keep` configurations by objective go on. Ties at a rung break against the
+    rule (the worse final first), so a rule counts as finding the best only if it does whichever
+    way they break. Each: rungs, keeps, trial-tasks and ratio to the grid's, the best final
+    objective among the configurations that train every task."""
+    import itertools
+
+    finished = [t for t in grid.trials if t.status == "completed" and len(t.objective_per_task) == num_tasks]
+    total = len(finished) * num_tasks
+    rules = []
+    for count in (1, 2):
+        for rungs in itertools.combinations(range(1, num_tasks), count):
+            for keeps in itertools.product(range(1, len(finished)), repeat=count):
+                if list(keeps) != sorted(keeps, reverse=True) or len(set(keeps)) != count:
+                    continue
+                alive, trained, previous = finished, 0, 0
+                for rung, keep in zip(rungs, keeps):
+                    trained += len(alive) * (rung - previous)
+                    alive = sorted(alive, key=lambda t: (t.objective_per_task[rung - 1], -t.final_objective),
+                                   reverse=True)[:keep]
+                    previous = rung
+                trained += len(alive) * (num_tasks - previous)
+                rules.append({"rungs": list(rungs), "keeps": list(keeps), "trial_tasks": trained,
+                              "compute_ratio": trained / total, "best": max(t.final_objective for t in alive)})
+    return rules
+
+
+def print_halving_rules(name: str, rules: list[dict], grid_best: float) -> dict:
+    """The rules' trade-off in two lines: the best any rule finds at <= 0.5 of the grid's trial-tasks,
+    and the cheapest rule within one point of the grid's best."""
+    def describe(rule):
+        steps = ", ".join(f"after task {r} keep {k}" for r, k in zip(rule["rungs"], rule["keeps"]))
+        return f"{steps}: ratio {rule['compute_ratio']:.2f}, best {rule['best']:.4f} ({rule['best'] - grid_best:+.4f})"
+
+    half = max((r for r in rules if r["compute_ratio"] <= 0.5), key=lambda r: r["best"], default=None)
+    within = min((r for r in rules if grid_best - r["best"] <= ONE_POINT), key=lambda r: r["trial_tasks"], default=None)
+    print(f"successive halving replayed on {name}'s records ({len(rules)} rules, ties broken against the rule):")
+    print(f"  best at <= 0.5 of the trial-tasks: {describe(half) if half else 'none'}")
+    print(f"  cheapest within one point: {describe(within) if within else 'none'}")
+    return {"best_at_half": half, "cheapest_within_one_point": within}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=5, help="first N tasks of the digits stream")
@@ -224,6 +270,9 @@ def main() -> int:
               f"copied from another trial; best objective {summary[name + '_best_objective']:.4f}; within one point "
               f"of the grid's best: {summary[name + '_within_one_point']}")
         print(f"  its best schedule: {summary[name + '_best_schedule']}")
+    for name in ["grid"] + [f"grid-seed{seed}" for seed in args.noise_seeds]:
+        grid = results[name]
+        summary[f"halving_{name}"] = print_halving_rules(name, halving_rules(grid, args.tasks), grid.best.final_objective)
     print(f"artifacts in {folder}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str))
