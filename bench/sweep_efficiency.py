@@ -30,6 +30,7 @@ Printed:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -143,16 +144,12 @@ def halving_rules(grid, num_tasks: int) -> list[dict]:
     rule (the worse final first), so a rule counts as finding the best only if it does whichever
     way they break. Each: rungs, keeps, trial-tasks and ratio to the grid's, the best final
     objective among the configurations that train every task."""
-    import itertools
-
     finished = [t for t in grid.trials if t.status == "completed" and len(t.objective_per_task) == num_tasks]
     total = len(finished) * num_tasks
     rules = []
     for count in (1, 2):
         for rungs in itertools.combinations(range(1, num_tasks), count):
-            for keeps in itertools.product(range(1, len(finished)), repeat=count):
-                if list(keeps) != sorted(keeps, reverse=True) or len(set(keeps)) != count:
-                    continue
+            for keeps in itertools.combinations(range(len(finished) - 1, 0, -1), count):  # each rung keeps fewer
                 alive, trained, previous = finished, 0, 0
                 for rung, keep in zip(rungs, keeps):
                     trained += len(alive) * (rung - previous)
