@@ -1,6 +1,8 @@
 """Sweeps: config parsing and space building (fast), then a small end-to-end sweep on Ray (slow)."""
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -303,9 +305,6 @@ def two_lr_sweep(name: str, manifest: Path, folder: Path, *, train: dict, schedu
 def sweep_command(sweep: dict, folder: Path, **variables: str) -> tuple[list[str], dict]:
     """`vlcl sweep` of `sweep` (written to folder/sweep.yaml) and its environment: the sweep starts
     its own local Ray, as a user's does, whose processes see `variables` (a fault to inject)."""
-    import os
-    import sys
-
     sweep_file = folder / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(sweep, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO), **variables}
