@@ -40,32 +40,57 @@ def pbt_mutations(plan: SweepPlan) -> dict[str, Any]:
             for dotted in pbt_keys(plan)}
 
 
-def survivors_population_based_training(**pbt_args):
-    """Ray's synchronous PopulationBasedTraining, whose barrier waits only for trials that can still
-    reach it: one errored trial must not leave the rest of the population paused forever.
+def synchronous_pbt(**pbt_args):
+    """Ray's synchronous PopulationBasedTraining with two changes: a trial that reaches a task
+    boundary waits there in its own process, and the barrier waits only for trials that can still
+    reach it.
 
-    Ray 2.60 (ray/tune/schedulers/pbt.py) perturbs a synch population in `on_trial_result` of the
-    last trial to reach the boundary, once no trial of `tune_controller.get_live_trials()` has a
-    `last_train_time` below `_next_perturbation_sync`; every trial pauses there, and
-    `choose_trial_to_run` resumes only trials below that boundary. An errored trial stays in the
-    live set (`TuneController._process_trial_failure` marks it ERROR; only `stop_trial` discards
-    from `_live_trials`) at the task it last reported, so the survivors wait for it, paused, and
-    no perturbation ever comes. A trial a stop rule ends before the boundary leaves the set, but
-    when it was the last one awaited, nobody arrives after it to perturb.
+    Ray 2.60 (ray/tune/schedulers/pbt.py, synch) perturbs the population in `on_trial_result` of
+    the last trial to reach the boundary, once no trial of `tune_controller.get_live_trials()` has a
+    `last_train_time` below `_next_perturbation_sync`, and pauses every trial there, the last one
+    too. Tune keeps a paused trial's process only when another trial is staged to take it over
+    (`TuneController._maybe_cache_trial_actor`), so at every boundary about half the population
+    started a fresh process (measured: about 15 s late on 2 cores, its imports under load).
 
-    So once every trial that has not ended is paused at the boundary, this one perturbs them as
-    Ray's synch branch of `on_trial_result` would; then they are below the next boundary and resume.
-    An ended trial is never a donor: `_quantiles` ranks only trials that are not finished."""
+    - **Held, not paused.** A trial that must wait gets NOOP: Tune leaves it RUNNING with no
+      training step scheduled, so it waits inside `tune.report` (the trial reports each task with
+      its checkpoint). Once the population is perturbed, every held trial that was not exploited
+      gets its next step (`TuneController._schedule_trial_train`, private, of the pinned Ray 2.60),
+      after the save PBT asked of the donors. Only an exploited trial is paused: it restarts from
+      its donor's checkpoint.
+    - **Survivors.** An errored trial stays in the live set (`TuneController._process_trial_failure`
+      marks it ERROR; only `stop_trial` discards from `_live_trials`) at the task it last reported,
+      so the others would wait for it forever. A trial a stop rule ends before the boundary leaves
+      the set, but when it was the last one awaited, nobody arrives after it to perturb. So once
+      every trial that has not ended waits at the boundary, `choose_trial_to_run` (which Tune calls
+      every step) perturbs them as Ray's synch branch would. An ended trial is never a donor:
+      `_quantiles` ranks only trials that are not finished."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import PopulationBasedTraining
 
-    class SurvivorsPopulationBasedTraining(PopulationBasedTraining):
+    class SynchronousPBT(PopulationBasedTraining):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._held: set[Trial] = set()
+
+        def on_trial_result(self, tune_controller, trial, result):
+            boundary = self._next_perturbation_sync
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if self._next_perturbation_sync != boundary:  # this result completed the boundary
+                self._release_held(tune_controller)
+                return self.NOOP if trial.status == Trial.PAUSED else self.CONTINUE  # (PAUSED: exploited)
+            if decision == self.PAUSE:  # the rest of the population has not arrived
+                self._held.add(trial)
+                return self.NOOP
+            return decision  # between boundaries
+
         def choose_trial_to_run(self, tune_controller):
             survivors = [trial for trial in tune_controller.get_trials() if not trial.is_finished()]
-            if survivors and all(trial.status == Trial.PAUSED
+            if survivors and all((trial.status == Trial.PAUSED or trial in self._held)
                                  and self._trial_state[trial].last_train_time >= self._next_perturbation_sync
                                  for trial in survivors):
                 self._perturb(tune_controller, survivors)
+                self._release_held(tune_controller)
             # Tune stages one trial per call. Ray's pick is the lowest `last_train_time` among
             # PENDING and PAUSED trials, so it names the trial staged last time (PENDING until its
             # actor runs) again and again, and the population resumed one trial after another.
@@ -76,6 +101,18 @@ def survivors_population_based_training(**pbt_args):
                 return min(paused, key=lambda trial: self._trial_state[trial].last_train_time)
             return super().choose_trial_to_run(tune_controller)
 
+        def on_trial_error(self, tune_controller, trial):
+            self._held.discard(trial)
+            super().on_trial_error(tune_controller, trial)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._held.discard(trial)
+            super().on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._held.discard(trial)
+            super().on_trial_remove(tune_controller, trial)
+
         def _perturb(self, tune_controller, survivors: list) -> None:
             lower, upper = self._quantiles()
             boundary = max(self._trial_state[trial].last_train_time for trial in survivors)
@@ -85,7 +122,15 @@ def survivors_population_based_training(**pbt_args):
                 self._checkpoint_or_exploit(trial, tune_controller, upper, lower)
             self._next_perturbation_sync = max(self._next_perturbation_sync + self._perturbation_interval, boundary)
 
-    return SurvivorsPopulationBasedTraining(synch=True, **pbt_args)
+        def _release_held(self, tune_controller) -> None:
+            # Schedulers get the controller wrapped (TrialRunnerWrapper), without a way to resume a trial.
+            controller = getattr(tune_controller, "_tune_controller", tune_controller)
+            for trial in self._held:
+                if trial.status == Trial.RUNNING:  # an exploited one is PAUSED
+                    controller._schedule_trial_train(trial)
+            self._held.clear()
+
+    return SynchronousPBT(synch=True, **pbt_args)
 
 
 def tune_config(plan: SweepPlan, num_tasks: int, max_concurrent: int):
@@ -103,7 +148,7 @@ def tune_config(plan: SweepPlan, num_tasks: int, max_concurrent: int):
         # Synchronous: trials are compared after the same number of tasks (an objective after task 3
         # is not comparable with one after task 2: more tasks, more to forget). A trial that reaches
         # a boundary first waits, paused, for the rest of the population.
-        scheduler = survivors_population_based_training(
+        scheduler = synchronous_pbt(
             time_attr="task", perturbation_interval=settings.scheduler.perturbation_interval,
             hyperparam_mutations=pbt_mutations(plan), quantile_fraction=settings.scheduler.quantile_fraction,
             resample_probability=settings.scheduler.resample_probability)

@@ -158,11 +158,13 @@ def test_pbt_perturbs_only_keys_that_can_change_between_tasks():
 
 
 class Population:
-    """Tune's controller reduced to what Ray's PBT scheduler asks of it."""
+    """Tune's controller reduced to what Ray's PBT scheduler asks of it, recording what it is asked
+    to do to the trials' processes."""
     search_alg = None
 
     def __init__(self, trials):
         self.trials = trials
+        self.calls: list[tuple[str, str]] = []
 
     def get_trials(self):
         return self.trials
@@ -175,67 +177,122 @@ class Population:
     def pause_trial(self, trial, should_checkpoint=True):
         from ray.tune.experiment import Trial
 
+        self.calls.append(("pause", trial.trial_id))
         trial.set_status(Trial.PAUSED)
 
+    def _schedule_trial_save(self, trial, result=None):  # a function trainable saves its last report
+        self.calls.append(("save", trial.trial_id))
+        return trial.checkpoint
 
-def test_pbt_perturbs_the_survivors_when_the_trial_they_waited_for_errors_and_never_clones_it():
-    """Ray's PBT scheduler on Ray's trial objects, with Tune's controller reduced to what PBT asks
-    of it. After task 1 trial e is the best; at task 2, a and b wait, paused, for e, and e errors
-    instead: a and b must still be perturbed (b, the weaker, continues from a's task-2 state, not
-    from e's) and resumed."""
+    def _schedule_trial_train(self, trial):
+        self.calls.append(("train", trial.trial_id))
+
+
+def report_task(scheduler, population, trial, task: int, objective: float) -> str:
+    """The trial reports the task with its checkpoint; Tune acts on PBT's decision as its
+    controller does: PAUSE pauses the trial, CONTINUE schedules its next step, NOOP does nothing."""
     from ray.train._internal.session import _TrainingResult
     from ray.tune import Checkpoint
+    from ray.tune.schedulers import TrialScheduler
+
+    trial.run_metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(checkpoint=Checkpoint(f"/checkpoints/{trial.trial_id}/task_{task}"), metrics={"task": task}))
+    decision = scheduler.on_trial_result(population, trial, {"task": task, OBJECTIVE_KEY: objective})
+    if decision == TrialScheduler.PAUSE:
+        population.pause_trial(trial)
+    elif decision == TrialScheduler.CONTINUE:
+        population._schedule_trial_train(trial)
+    return decision
+
+
+def pbt_population(trial_ids: str, quantile_fraction: float):
     from ray.tune.experiment import Trial
 
-    from orchestrator.sweep_tune import survivors_population_based_training
+    from orchestrator.sweep_tune import synchronous_pbt
 
-    def reach_boundary(trial: Trial, task: int, objective: float) -> None:
-        """The trial reports the task with its checkpoint, and Tune pauses it as PBT asks (synch)."""
-        trial.run_metadata.checkpoint_manager.register_checkpoint(
-            _TrainingResult(checkpoint=Checkpoint(f"/checkpoints/{trial.trial_id}/task_{task}"), metrics={"task": task}))
-        scheduler.on_trial_result(population, trial, {"task": task, OBJECTIVE_KEY: objective})
-        trial.set_status(Trial.PAUSED)
-
-    scheduler = survivors_population_based_training(
-        time_attr="task", metric=OBJECTIVE_KEY, mode="max", perturbation_interval=1, quantile_fraction=0.5,
+    scheduler = synchronous_pbt(
+        time_attr="task", metric=OBJECTIVE_KEY, mode="max", perturbation_interval=1, quantile_fraction=quantile_fraction,
         hyperparam_mutations={"train.lr": [1e-4, 1e-3, 1e-2]}, resample_probability=0.0, log_config=False)
-    a, b, e = (Trial("run_trial", config={"train.lr": 1e-3}, trial_id=name, stub=True) for name in "abe")
-    population = Population([a, b, e])
+    population = Population([Trial("run_trial", config={"train.lr": 1e-3}, trial_id=name, stub=True)
+                             for name in trial_ids])
     for trial in population.trials:
         scheduler.on_trial_add(population, trial)
         trial.set_status(Trial.RUNNING)
+    return scheduler, population
+
+
+@pytest.mark.parametrize("arrivals", ["abcd", "abdc", "bcda"], ids=["a-middle-trial-last", "the-exploited-last",
+                                                                   "the-donor-last"])
+def test_pbt_holds_a_trial_at_the_boundary_in_its_process_and_pauses_only_the_exploited_one(arrivals):
+    """Ray's synchronous PBT pauses every trial at a boundary, and Tune keeps a paused trial's
+    process only for a trial staged to take it over: about half the population started a fresh
+    process at every boundary. Ours holds the early arrivals (NOOP: RUNNING, no step scheduled),
+    and once the last one arrives, whichever it is, saves the donor, pauses only the trial that
+    continues from it, and gives every other trial its next step, each once."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler, population = pbt_population("abcd", quantile_fraction=0.25)
+    trials = {trial.trial_id: trial for trial in population.trials}
+    objectives = {"a": 0.9, "b": 0.5, "c": 0.1, "d": 0.4}  # a: the top quarter, c: the bottom one
+    for name in arrivals[:-1]:
+        assert report_task(scheduler, population, trials[name], 1, objectives[name]) == TrialScheduler.NOOP
+        assert trials[name].status == Trial.RUNNING
+    assert population.calls == [], "nothing is done to a trial that waits for the rest of the population"
+
+    last = arrivals[-1]
+    decision = report_task(scheduler, population, trials[last], 1, objectives[last])
+    assert decision == (TrialScheduler.NOOP if last == "c" else TrialScheduler.CONTINUE)
+    # c continues from a's task-1 state, in a process of its own
+    assert trials["c"].status == Trial.PAUSED and trials["c"].checkpoint.path == "/checkpoints/a/task_1"
+    calls = population.calls
+    assert calls.index(("save", "a")) < calls.index(("pause", "c")) and calls.index(("save", "a")) < calls.index(("train", "a"))
+    assert sorted(call for call in calls if call[0] == "train") == [("train", "a"), ("train", "b"), ("train", "d")]
+    assert [call for call in calls if call[0] == "pause"] == [("pause", "c")]
+    assert all(trials[name].status == Trial.RUNNING for name in "abd")
+    assert scheduler.choose_trial_to_run(population) is trials["c"]
+
+
+def test_pbt_perturbs_the_survivors_when_the_trial_they_waited_for_errors_and_never_clones_it():
+    """After task 1 trial e is the best; at task 2, a and b wait, held, for e, and e errors
+    instead: a and b must still be perturbed (b, the weaker, continues from a's task-2 state, not
+    from e's), and a must go on."""
+    from ray.tune.experiment import Trial
+
+    scheduler, population = pbt_population("abe", quantile_fraction=0.5)
+    a, b, e = population.trials
     for trial, objective in ((e, 0.9), (a, 0.2), (b, 0.1)):
-        reach_boundary(trial, 1, objective)
+        report_task(scheduler, population, trial, 1, objective)
     assert b.checkpoint.path == "/checkpoints/e/task_1", "precondition: after task 1, b continues from e"
-    for trial in population.trials:
-        trial.set_status(Trial.RUNNING)
-    reach_boundary(a, 2, 0.3)
-    reach_boundary(b, 2, 0.25)
+    assert scheduler.choose_trial_to_run(population) is b
+    b.set_status(Trial.RUNNING)
+    report_task(scheduler, population, a, 2, 0.3)
+    report_task(scheduler, population, b, 2, 0.25)
     scheduler.on_trial_error(population, e)  # as Tune's controller: the scheduler is told, then ERROR
     e.set_status(Trial.ERROR)
+    population.calls.clear()
 
     # Ray's own PopulationBasedTraining returns None here, every step: nobody is ever resumed.
-    assert scheduler.choose_trial_to_run(population) in (a, b)
+    assert scheduler.choose_trial_to_run(population) is b
     assert b.checkpoint.path == "/checkpoints/a/task_2"  # e's last score (0.9) is the highest, but e ended
     assert a.checkpoint.path == "/checkpoints/a/task_2" and e.status == Trial.ERROR
+    assert ("train", "a") in population.calls and a.status == Trial.RUNNING
+    assert scheduler.choose_trial_to_run(population) is b, "the perturbation happened once"
+    assert population.calls.count(("train", "a")) == 1
 
 
 def test_pbt_resumes_the_whole_population_after_a_boundary_not_one_trial_at_a_time():
     """Tune stages the one trial `choose_trial_to_run` names per step, and a staged trial is PENDING
     until its actor runs. Ray's choice is the lowest `last_train_time` among PENDING and PAUSED
     trials, so it named the staged trial again and again: measured, 4 trials resumed 7 s apart, each
-    once the one before it had trained its task and paused. Ours names a paused trial not yet staged."""
+    once the one before it had trained its task and paused (before trials were held at a boundary;
+    exploited trials, and a population that `--resume` restores, are still paused together). Ours
+    names a paused trial not yet staged."""
     from ray.tune.experiment import Trial
 
-    from orchestrator.sweep_tune import survivors_population_based_training
-
-    scheduler = survivors_population_based_training(
-        time_attr="task", metric=OBJECTIVE_KEY, mode="max", perturbation_interval=1, quantile_fraction=0.25,
-        hyperparam_mutations={"train.lr": [1e-4, 1e-3]}, resample_probability=0.0, log_config=False)
-    trials = [Trial("run_trial", config={"train.lr": 1e-3}, trial_id=name, stub=True) for name in "abcd"]
-    population = Population(trials)
+    scheduler, population = pbt_population("abcd", quantile_fraction=0.25)
+    trials = population.trials
     for trial in trials:
-        scheduler.on_trial_add(population, trial)
         scheduler._trial_state[trial].last_train_time = 1  # every trial reported task 1 and was perturbed
         trial.set_status(Trial.PAUSED)
     scheduler._next_perturbation_sync = 2

@@ -79,14 +79,18 @@ def _runs_by_trial(client, result) -> dict[str, list]:
 def test_the_weak_trial_continues_from_the_strong_trials_teacher_memory_and_matrix(pbt_sweep, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    plan, result, _, _ = pbt_sweep
+    plan, result, folder, _ = pbt_sweep
     client = MlflowClient(plan.base.tracking.uri)
     runs = _runs_by_trial(client, result)
     start_lr = {trial: float(trial_runs[0].data.params["train.lr"]) for trial, trial_runs in runs.items()}
     weak = next(t for t, lr in start_lr.items() if lr == 1e-7)
     strong = next(t for t, lr in start_lr.items() if lr == 1e-3)
-    # The strong trial was paused at the boundary and went on in its own run; the weak one was exploited.
+    # The strong trial waited at the boundary in its process and went on there, in its own run: one
+    # start of its sequence (a paused trial restarts, continuing its run: a second start record).
+    # The weak one was exploited: a new start, in a new run.
     assert len(runs[strong]) == 1 and "vlcl.exploited_from" not in runs[strong][0].data.tags
+    starts = lambda trial: list((folder / "runs" / "runs").glob(f"*{trial}*.json"))  # noqa: E731
+    assert len(starts(strong)) == 1 and len(starts(weak)) == 2
     own_run, exploit_run = runs[weak]
     assert exploit_run.data.tags["vlcl.exploited_from"] == strong
     assert exploit_run.data.tags["vlcl.exploited_after_task"] == "1"
@@ -116,8 +120,8 @@ def test_the_weak_trial_continues_from_the_strong_trials_teacher_memory_and_matr
 
 
 def test_trials_restarted_from_a_checkpoint_leave_no_copy_of_it_in_the_temporary_folder(pbt_sweep):
-    # both trials restart after task 1 (one resumes its own state, one takes the other's); a copy
-    # per restart would fill /tmp over a long sweep of big models
+    # the weak trial restarts after task 1 from the strong one's checkpoint; a copy per restart would
+    # fill /tmp over a long sweep of big models
     _, result, _, copies_left = pbt_sweep
     assert result.trial_tasks_trained == 2 + 2
     assert copies_left == set()
