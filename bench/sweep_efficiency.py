@@ -93,6 +93,14 @@ def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str,
     }
 
 
+def sequence_starts(result, folder: Path) -> int:
+    """How many times the sweep's trials started a task sequence: once per trial, plus once per
+    restart (a PBT exploit, or a trial Tune paused and resumed). Each start writes a run-state file
+    named after its trial."""
+    states = [path.name for path in (folder / "runs" / "runs").glob("*.json")]
+    return sum(trial.trial_id in name for trial in result.trials for name in states)
+
+
 def seed_noise(grid, other) -> tuple[float, float]:
     """(mean, max) of |objective| differences of the same configurations trained with two seeds."""
     finals = {config_key(t.params): t.final_objective for t in grid.trials if t.status == "completed"}
@@ -216,7 +224,7 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
-    results, seconds = {}, {}
+    results, seconds, starts = {}, {}, {}
     # (name, scheduler, train seed, PBT's perturbation interval)
     runs = [("grid", "grid", 0, 1), ("asha", "asha", 0, 1)] + [
         (name, "pbt", 0, interval) for name, interval in zip(pbt_names, args.pbt_intervals)] + [
@@ -234,14 +242,16 @@ def main() -> int:
         plan = plan_sweep(mapping, source=f"bench {name}")
         results[name] = run_sweep(plan, quiet=True)
         seconds[name] = time.time() - started
-        print(f"## {name} ({seconds[name]:.0f} s)\n{format_leaderboard(results[name])}\n", flush=True)
+        starts[name] = sequence_starts(results[name], folder)
+        print(f"## {name} ({seconds[name]:.0f} s, {len(results[name].trials)} trials, {starts[name]} sequence starts)\n"
+              f"{format_leaderboard(results[name])}\n", flush=True)
     if args.only:
         return 0
     summary = compare(results["grid"], results["asha"])
     for name in pbt_names:
         summary |= compare_pbt(results["grid"], results[name], name)
     grid_finals = [t.final_objective for t in results["grid"].trials if t.status == "completed"]
-    summary |= {"grid_spread": max(grid_finals) - min(grid_finals), "seconds": seconds,
+    summary |= {"grid_spread": max(grid_finals) - min(grid_finals), "seconds": seconds, "sequence_starts": starts,
                 "asha_wall_ratio": seconds["asha"] / seconds["grid"]}
     summary |= {f"{name}_wall_ratio": seconds[name] / seconds["grid"] for name in pbt_names}
     for seed in args.noise_seeds:
@@ -263,7 +273,8 @@ def main() -> int:
     for name, interval in zip(pbt_names, args.pbt_intervals):
         print(f"PBT, exploit every {interval} task(s): population {args.population}, trial-tasks "
               f"{summary[name + '_trial_tasks']} -> ratio {summary[name + '_compute_ratio']:.2f}; wall {seconds[name]:.0f} s "
-              f"-> ratio {summary[name + '_wall_ratio']:.2f}; {summary[name + '_exploits']} trials finished on a state "
+              f"-> ratio {summary[name + '_wall_ratio']:.2f}; {starts[name]} sequence starts; "
+              f"{summary[name + '_exploits']} trials finished on a state "
               f"copied from another trial; best objective {summary[name + '_best_objective']:.4f}; within one point "
               f"of the grid's best: {summary[name + '_within_one_point']}")
         print(f"  its best schedule: {summary[name + '_best_schedule']}")
