@@ -147,7 +147,7 @@ def tune_config(plan: SweepPlan, num_tasks: int, max_concurrent: int):
     elif settings.scheduler.type == "pbt":
         # Synchronous: trials are compared after the same number of tasks (an objective after task 3
         # is not comparable with one after task 2: more tasks, more to forget). A trial that reaches
-        # a boundary first waits, paused, for the rest of the population.
+        # a boundary first waits in its process for the rest of the population.
         scheduler = synchronous_pbt(
             time_attr="task", perturbation_interval=settings.scheduler.perturbation_interval,
             hyperparam_mutations=pbt_mutations(plan), quantile_fraction=settings.scheduler.quantile_fraction,
@@ -297,7 +297,7 @@ def run_trial(trial_params: dict, *, base: dict, objective: dict, num_tasks: int
     with checkpoint_folder(checkpoint) as resume_from:
         own = False
         if checkpoint is not None:
-            # PBT restarts a trial from a task checkpoint: its own (after a pause: it continues its MLflow
+            # Tune restarts a trial from a task checkpoint: its own (`--resume`: it continues its MLflow
             # run) or a stronger trial's (an exploit: a new run, tagged with where its state came from).
             source_folder = Path(checkpoint.path).parent.name
             own = source_folder == Path(context.get_trial_dir()).name

@@ -146,9 +146,9 @@ def train_sequence(plan: RunPlan, worker: RayTrainWorker | InProcessWorker | Non
 def wait_for_tune(plan: RunPlan, rank: int) -> None:
     """In a sweep trial, hold the next task until Tune has taken this task's result and continued
     the trial. Tune decides at each result whether a trial goes on (ASHA and the stop rules end it,
-    a synchronous PBT pauses every trial at a boundary), and ends the trial's process when it does
-    not; the workers, meanwhile, would train the next task for nothing (and, after a PBT pause, the
-    trial would train it again from the checkpoint). Rank 0 waits; the others wait on it."""
+    a synchronous PBT holds every trial at a boundary and pauses the ones it exploits), and ends
+    the trial's process when it does not; the workers, meanwhile, would train the next task for
+    nothing (and, after an exploit, the trial trains it again from the donor's checkpoint). Rank 0 waits; the others wait on it."""
     from methods.distributed import broadcast_object
 
     if rank == 0:
