@@ -1,6 +1,7 @@
 """A sweep survives its driver: `kill -9` of `vlcl sweep` mid-sweep, then `vlcl sweep --resume`.
 The finished trial is not run again, the interrupted one continues from its last task checkpoint
 in the same MLflow run, and the parent run and leaderboard end complete."""
+import contextlib
 import json
 import signal
 import subprocess
@@ -29,6 +30,28 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
         time.sleep(0.5)
 
 
+def _tune_recorded_first_checkpoint(trial_dir: Path) -> bool:
+    """The trial wrote its task-1 checkpoint, and Tune's experiment state (saved every 10 s or so)
+    was written after it: a driver killed now leaves a record of that checkpoint."""
+    checkpoints = list(trial_dir.glob("checkpoint_000000"))
+    states = list(trial_dir.parent.glob("experiment_state-*.json"))
+    return bool(checkpoints) and any(s.stat().st_mtime > checkpoints[0].stat().st_mtime + 1 for s in states)
+
+
+@contextlib.contextmanager
+def _killed_with_9_at_the_end(command: list[str], cwd: Path, env: dict):
+    """`vlcl sweep` runs while inside; leaving the block sends it SIGKILL (and kills it, however the
+    block is left)."""
+    driver = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield driver
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
 def test_kill_9_of_the_driver_then_resume_finishes_the_sweep_without_rerunning(digits_manifest,
                                                                               tmp_path):
     from mlflow.tracking import MlflowClient
@@ -44,23 +67,9 @@ def test_kill_9_of_the_driver_then_resume_finishes_the_sweep_without_rerunning(d
                          per_task={"1": {"train.max_steps_per_task": 2500}}, scheduler={"type": "none"}, concurrent=1)
     storage, uri = tmp_path / "sweeps", sweep["base"]["tracking"]["uri"]
     command, env = sweep_command(sweep, tmp_path)  # its own local Ray, as a user's `vlcl sweep` starts
-    driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def second_trial_checkpointed_and_recorded() -> bool:
-            trials = _trial_dirs(storage)
-            if len(trials) < 2 or not list(trials[1].glob("checkpoint_000000")):
-                return False
-            # Tune saves its experiment state every few seconds: wait until it records the checkpoint.
-            states = list(trials[1].parent.glob("experiment_state-*.json"))
-            checkpointed = (trials[1] / "checkpoint_000000").stat().st_mtime
-            return any(s.stat().st_mtime > checkpointed + 1 for s in states)
-
-        _wait_for(second_trial_checkpointed_and_recorded, "the second trial's first task checkpoint", driver)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=60)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    with _killed_with_9_at_the_end(command, tmp_path, env) as driver:
+        _wait_for(lambda: len(_trial_dirs(storage)) == 2 and _tune_recorded_first_checkpoint(_trial_dirs(storage)[1]),
+                  "Tune's record of the second trial's first task checkpoint", driver)
     trials = _trial_dirs(storage)
     first_result = [json.loads(line) for line in (trials[0] / "result.json").read_text().splitlines()]
     second_result = [json.loads(line) for line in (trials[1] / "result.json").read_text().splitlines()]
@@ -110,27 +119,15 @@ def test_a_pbt_sweep_killed_while_a_trial_is_ahead_of_its_checkpoint_stops_and_r
     command, env = sweep_command(sweep, tmp_path)
     marker = tmp_path / "held"
     held_env = {**env, "VLCL_HOLD_AFTER_TASK": "2", "VLCL_HOLD_MARKER": str(marker)}
-    driver = subprocess.Popen(command, cwd=tmp_path, env=held_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
     client = MlflowClient(uri)
-    try:
+    with _killed_with_9_at_the_end(command, tmp_path, held_env) as driver:
         _wait_for(lambda: marker.exists() and marker.read_text(), "a trial holding after task 2", driver)
         held_run = client.get_run(marker.read_text())
         held_trial = held_run.data.tags["vlcl.trial_id"]
         assert [m.step for m in client.get_metric_history(held_run.info.run_id, "cl/seen_avg")] == [1, 2]
         trial_dir = next(storage.glob(f"*/tune/run_trial_{held_trial}*"))
-
-        def task_one_recorded() -> bool:  # Tune saves its experiment state every 10 s or so
-            checkpoints = list(trial_dir.glob("checkpoint_000000"))
-            states = list(trial_dir.parent.glob("experiment_state-*.json"))
-            return bool(checkpoints) and any(s.stat().st_mtime > checkpoints[0].stat().st_mtime + 1 for s in states)
-
-        _wait_for(task_one_recorded, "Tune's record of the held trial's task-1 checkpoint", driver)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=60)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+        _wait_for(lambda: _tune_recorded_first_checkpoint(trial_dir), "Tune's record of the held trial's task-1 checkpoint",
+                  driver)
     state_dir = next(storage.glob("pbt-kill-*")).resolve()
 
     stopped = subprocess.run(command + ["--stop"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -155,7 +152,7 @@ def test_a_pbt_sweep_killed_while_a_trial_is_ahead_of_its_checkpoint_stops_and_r
             steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
             assert len(steps) == len(set(steps)), (child.data.tags["vlcl.trial_id"], key, sorted(steps))
     attempts = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "runs").glob(f"*{held_trial}*.json")]
-    # (a later attempt continues it too when PBT pauses it at the boundary after task 2)
+    # (--resume's start; at the boundary after task 2 a trial goes on in its process, or starts a new run when exploited)
     continued = sorted((a for a in attempts if a["run_id"] == held_run.info.run_id and a["previous"]),
                        key=lambda a: a["ray_name"])
     assert continued, "precondition: --resume continued the held trial's run"
