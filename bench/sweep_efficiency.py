@@ -215,6 +215,7 @@ def main() -> int:
     cpus = {"pbt": min(args.cpus_per_worker, (os.cpu_count() or 2) / args.population),
             "asha": min(args.cpus_per_worker, (os.cpu_count() or 2) / args.grid_size)}
     pbt_names = [f"pbt-every{interval}" for interval in args.pbt_intervals]
+    from orchestrator.console import library_logs_to
     from orchestrator.runtime import ensure_ray
     from orchestrator.sweep import format_leaderboard, run_sweep
     from orchestrator.sweep_config import plan_sweep
@@ -222,8 +223,6 @@ def main() -> int:
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="vlcl-sweep-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    ensure_ray()
-    manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
     results, seconds, starts = {}, {}, {}
     # (name, scheduler, train seed, PBT's perturbation interval)
     runs = [("grid", "grid", 0, 1), ("asha", "asha", 0, 1)] + [
@@ -234,17 +233,21 @@ def main() -> int:
         if unknown:
             parser.error(f"--only: no sweep named {', '.join(unknown)}; the sweeps are {', '.join(r[0] for r in runs)}")
         runs = [run for run in runs if run[0] in args.only]
-    for name, scheduler, seed, interval in runs:
-        started = time.time()
-        mapping = sweep_mapping(f"bench-{name}", manifest, folder, args, scheduler, seed, pbt_interval=interval)
-        if scheduler in cpus:
-            mapping["resources"]["cpus_per_worker"] = cpus[scheduler]
-        plan = plan_sweep(mapping, source=f"bench {name}")
-        results[name] = run_sweep(plan, quiet=True)
-        seconds[name] = time.time() - started
-        starts[name] = sequence_starts(results[name], folder)
-        print(f"## {name} ({seconds[name]:.0f} s, {len(results[name].trials)} trials, {starts[name]} sequence starts)\n"
-              f"{format_leaderboard(results[name])}\n", flush=True)
+    print(f"Ray's and the libraries' logs: {folder / 'bench.log'}", flush=True)
+    with library_logs_to(folder / "bench.log", verbose=False):
+        ensure_ray()
+        manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
+        for name, scheduler, seed, interval in runs:
+            started = time.time()
+            mapping = sweep_mapping(f"bench-{name}", manifest, folder, args, scheduler, seed, pbt_interval=interval)
+            if scheduler in cpus:
+                mapping["resources"]["cpus_per_worker"] = cpus[scheduler]
+            plan = plan_sweep(mapping, source=f"bench {name}")
+            results[name] = run_sweep(plan, quiet=True)
+            seconds[name] = time.time() - started
+            starts[name] = sequence_starts(results[name], folder)
+            print(f"## {name} ({seconds[name]:.0f} s, {len(results[name].trials)} trials, {starts[name]} sequence starts)\n"
+                  f"{format_leaderboard(results[name])}\n", flush=True)
     if args.only:
         return 0
     summary = compare(results["grid"], results["asha"])
