@@ -148,7 +148,8 @@ def wait_for_tune(plan: RunPlan, rank: int) -> None:
     the trial. Tune decides at each result whether a trial goes on (ASHA and the stop rules end it,
     a synchronous PBT holds every trial at a boundary and pauses the ones it exploits), and ends
     the trial's process when it does not; the workers, meanwhile, would train the next task for
-    nothing (and, after an exploit, the trial trains it again from the donor's checkpoint). Rank 0 waits; the others wait on it."""
+    nothing (and, after an exploit, the trial trains it again from the donor's checkpoint). Rank 0
+    waits; the others wait on it."""
     from methods.distributed import broadcast_object
 
     if rank == 0:
