@@ -69,49 +69,44 @@ def synchronous_pbt(**pbt_args):
     from ray.tune.schedulers import PopulationBasedTraining
 
     class SynchronousPBT(PopulationBasedTraining):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self._held: set[Trial] = set()
-
         def on_trial_result(self, tune_controller, trial, result):
             boundary = self._next_perturbation_sync
+            held = self._held(tune_controller)  # before this result moves the boundary
             decision = super().on_trial_result(tune_controller, trial, result)
             if self._next_perturbation_sync != boundary:  # this result completed the boundary
-                self._release_held(tune_controller)
+                self._release(tune_controller, held)
                 return self.NOOP if trial.status == Trial.PAUSED else self.CONTINUE  # (PAUSED: exploited)
-            if decision == self.PAUSE:  # the rest of the population has not arrived
-                self._held.add(trial)
+            if decision == self.PAUSE:  # the rest of the population has not arrived: hold it
                 return self.NOOP
             return decision  # between boundaries
 
         def choose_trial_to_run(self, tune_controller):
             survivors = [trial for trial in tune_controller.get_trials() if not trial.is_finished()]
-            if survivors and all((trial.status == Trial.PAUSED or trial in self._held)
-                                 and self._trial_state[trial].last_train_time >= self._next_perturbation_sync
+            if survivors and all(trial.status in (Trial.PAUSED, Trial.RUNNING) and self._arrived(trial)
                                  for trial in survivors):
+                held = self._held(tune_controller)
                 self._perturb(tune_controller, survivors)
-                self._release_held(tune_controller)
+                self._release(tune_controller, held)
             # Tune stages one trial per call. Ray's pick is the lowest `last_train_time` among
             # PENDING and PAUSED trials, so it names the trial staged last time (PENDING until its
             # actor runs) again and again, and the population resumed one trial after another.
             # Pick a paused trial not yet staged first.
-            paused = [trial for trial in tune_controller.get_trials() if trial.status == Trial.PAUSED
-                      and self._trial_state[trial].last_train_time < self._next_perturbation_sync]
+            paused = [trial for trial in tune_controller.get_trials()
+                      if trial.status == Trial.PAUSED and not self._arrived(trial)]
             if paused:
                 return min(paused, key=lambda trial: self._trial_state[trial].last_train_time)
             return super().choose_trial_to_run(tune_controller)
 
-        def on_trial_error(self, tune_controller, trial):
-            self._held.discard(trial)
-            super().on_trial_error(tune_controller, trial)
+        def _arrived(self, trial) -> bool:
+            # PBT sets `last_train_time` only at a boundary's result, and perturbing the population
+            # moves `_next_perturbation_sync` past every trial.
+            return self._trial_state[trial].last_train_time >= self._next_perturbation_sync
 
-        def on_trial_complete(self, tune_controller, trial, result):
-            self._held.discard(trial)
-            super().on_trial_complete(tune_controller, trial, result)
-
-        def on_trial_remove(self, tune_controller, trial):
-            self._held.discard(trial)
-            super().on_trial_remove(tune_controller, trial)
+        def _held(self, tune_controller) -> list:
+            """The trials waiting at the boundary in their process: RUNNING, with no step scheduled
+            since they arrived. A trial that errors or ends meanwhile is no longer RUNNING."""
+            return [trial for trial in tune_controller.get_trials()
+                    if trial.status == Trial.RUNNING and self._arrived(trial)]
 
         def _perturb(self, tune_controller, survivors: list) -> None:
             lower, upper = self._quantiles()
@@ -122,13 +117,12 @@ def synchronous_pbt(**pbt_args):
                 self._checkpoint_or_exploit(trial, tune_controller, upper, lower)
             self._next_perturbation_sync = max(self._next_perturbation_sync + self._perturbation_interval, boundary)
 
-        def _release_held(self, tune_controller) -> None:
+        def _release(self, tune_controller, held: list) -> None:
             # Schedulers get the controller wrapped (TrialRunnerWrapper), without a way to resume a trial.
             controller = getattr(tune_controller, "_tune_controller", tune_controller)
-            for trial in self._held:
+            for trial in held:
                 if trial.status == Trial.RUNNING:  # an exploited one is PAUSED
                     controller._schedule_trial_train(trial)
-            self._held.clear()
 
     return SynchronousPBT(synch=True, **pbt_args)
 
