@@ -57,16 +57,17 @@ def test_kill_9_of_the_driver_then_resume_finishes_the_sweep_without_rerunning(d
     from mlflow.tracking import MlflowClient
 
     # Two trials, one at a time, on two tasks; the second task is long (per_task), so the driver is
-    # killed while the second trial trains it, after its first task's checkpoint reached Tune. Long
-    # enough to outlast that wait (Tune records its state every few seconds): at 400 steps, once the
-    # CPU optimizer was fused (about 8 s a task), the task could end, log its scores to MLflow and be
-    # killed before Tune took its result, and the resumed trial then scored task 2 a second time.
+    # killed while the second trial trains it, after Tune recorded its first task's checkpoint.
+    # Tune saves its experiment state every 10 s or more (TUNE_GLOBAL_CHECKPOINT_S=auto); every
+    # second here, so the kill comes a second or two after that checkpoint and the task outlasts
+    # it at 800 steps (about 16 s on 2 cores; it took 2500 steps with the default period).
     sweep = two_lr_sweep("driver-kill", three_task_digits(digits_manifest, tmp_path, count=2), tmp_path,
                          train={"batch_size": 32, "max_steps_per_task": 4, "epochs_per_task": 400,
                                 "log_every_steps": 50},
-                         per_task={"1": {"train.max_steps_per_task": 2500}}, scheduler={"type": "none"}, concurrent=1)
+                         per_task={"1": {"train.max_steps_per_task": 800}}, scheduler={"type": "none"}, concurrent=1)
     storage, uri = tmp_path / "sweeps", sweep["base"]["tracking"]["uri"]
     command, env = sweep_command(sweep, tmp_path)  # its own local Ray, as a user's `vlcl sweep` starts
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
     with _killed_with_9_at_the_end(command, tmp_path, env) as driver:
         _wait_for(lambda: len(_trial_dirs(storage)) == 2 and _tune_recorded_first_checkpoint(_trial_dirs(storage)[1]),
                   "Tune's record of the second trial's first task checkpoint", driver)
