@@ -31,8 +31,9 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
 
 
 def _tune_recorded_first_checkpoint(trial_dir: Path) -> bool:
-    """The trial wrote its task-1 checkpoint, and Tune's experiment state (saved every 10 s or so)
-    was written after it: a driver killed now leaves a record of that checkpoint."""
+    """The trial wrote its task-1 checkpoint, and Tune's experiment state (saved every 10 s or more,
+    unless TUNE_GLOBAL_CHECKPOINT_S says otherwise) was written after it: a driver killed now
+    leaves a record of that checkpoint."""
     checkpoints = list(trial_dir.glob("checkpoint_000000"))
     states = list(trial_dir.parent.glob("experiment_state-*.json"))
     return bool(checkpoints) and any(s.stat().st_mtime > checkpoints[0].stat().st_mtime + 1 for s in states)
@@ -66,8 +67,8 @@ def test_kill_9_of_the_driver_then_resume_finishes_the_sweep_without_rerunning(d
                                 "log_every_steps": 50},
                          per_task={"1": {"train.max_steps_per_task": 800}}, scheduler={"type": "none"}, concurrent=1)
     storage, uri = tmp_path / "sweeps", sweep["base"]["tracking"]["uri"]
-    command, env = sweep_command(sweep, tmp_path)  # its own local Ray, as a user's `vlcl sweep` starts
-    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
+    # its own local Ray, as a user's `vlcl sweep` starts
+    command, env = sweep_command(sweep, tmp_path, TUNE_GLOBAL_CHECKPOINT_S="1")
     with _killed_with_9_at_the_end(command, tmp_path, env) as driver:
         _wait_for(lambda: len(_trial_dirs(storage)) == 2 and _tune_recorded_first_checkpoint(_trial_dirs(storage)[1]),
                   "Tune's record of the second trial's first task checkpoint", driver)
