@@ -33,7 +33,7 @@ test-fast: venv
 sources:
 	bash streams/install_sources.sh
 
-bench: venv
+bench: venv sources
 	$(PY) bench/sweep_efficiency.py
 
 ## methods on mini-mtil from the LiT-aligned EffLite0-MiniLM start (makes the start on first use)

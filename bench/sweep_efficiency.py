@@ -1,12 +1,17 @@
 """Sweep efficiency: the full grid, ASHA + the forgetting stopper, and population-based training
 (PBT), side by side in one run, on a space where the settings matter.
 
-The benchmark: experience replay (a 200-sample memory) over the built-in digits stream (5 tasks,
-each scored over its own two digits; tiny model from scratch, 450 steps a task, which is what every
-task needs to learn: see DEMO_DEFAULTS), searching the learning rate and the weight of the replayed
-rows' loss. replay_weight 0 is fine-tuning with a memory it ignores: it forgets tens of points, so
-configurations differ by far more than seeds do. The grid runs twice, seeds 0 and 1: the spread of
-each configuration's objective between the seeds is the noise a search must beat.
+The benchmark (`--bench`): experience replay (a 200-sample memory), searching the learning rate
+and the weight of the replayed rows' loss (replay_weight 0 is fine-tuning with a memory it ignores).
+- mini-mtil (default): EffLite0-MiniLM from its LiT-aligned start (`vlcl pretrain`; made once, 7 min
+  on 2 cores, then cached where the offline benchmark keeps it), over mini-mtil's first 3
+  tasks (fashion-mnist, handwritten digits, emoji animals & nature), each eval set scored on 200
+  samples. From a pretrained start the learning rate decides between learning little and wrecking
+  the earlier tasks.
+- digits: vlcl-tiny from scratch over the digits stream (5 tasks of two digits; 450 steps a task,
+  which is what a task needs to learn from scratch: see DEMO_DEFAULTS). No start to make.
+The grid also runs with train seed 1: the spread of each configuration's objective between the
+seeds is the noise a search must beat.
 
 All sweeps search the same space with the same seed, so a configuration trains identically in grid
 and ASHA; the only difference is which trials are cut short. PBT starts a population half the
@@ -24,8 +29,9 @@ Printed:
 - successive halving replayed on each grid's records: the best any one- or two-rung rule finds at
   <= 0.5 of the grid's trial-tasks, and the cheapest rule within one point of the grid's best.
 
-    .venv/bin/python bench/sweep_efficiency.py                  # ~25 min on 2 cores
-    .venv/bin/python bench/sweep_efficiency.py --tasks 3 --steps 200 --noise-seeds 0   # quicker look
+    .venv/bin/python bench/sweep_efficiency.py                  # mini-mtil; ~NN min on 2 cores
+    .venv/bin/python bench/sweep_efficiency.py --bench digits   # ~25 min on 2 cores
+    .venv/bin/python bench/sweep_efficiency.py --tasks 3 --steps 20 --noise-seeds   # quicker look
 """
 from __future__ import annotations
 
@@ -45,13 +51,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ONE_POINT = 0.01  # scores are fractions: one point = one percentage point
 
 
+# Each benchmark: its stream, model, and the defaults of the flags below.
+BENCHES = {
+    # EffLite0-MiniLM aligned by `vlcl pretrain` (cached: made once, shared with the offline
+    # benchmark), fine-tuned with ER over mini-mtil's first tasks. From a pretrained start the
+    # learning rate decides between learning little, learning each task well, and wrecking what came
+    # before, so the grid's configurations are far apart.
+    # Three tasks: the emoji task's 170 class prompts go through the text tower at every step (9
+    # img/s on 2 cores, against 40 for fashion-mnist), so a fourth would double a sequence's time.
+    "mini-mtil": {"stream": "mini-mtil", "model": "EffLite0-MiniLM", "tasks": 3, "steps": 40,
+                  "lrs": [1e-5, 1e-4], "replay_weights": [0.0, 1.0], "eval_max_samples": 200,
+                  "pbt_intervals": [1]},
+    # vlcl-tiny from scratch on the digits stream: no start to make, but near chance a task needs
+    # 450 steps to learn (see DEMO_DEFAULTS)
+    "digits": {"stream": "digits", "model": "vlcl-tiny", "tasks": 5, "steps": 450,
+               "lrs": [5e-4, 1e-3], "replay_weights": [0.0, 0.1, 0.3, 1.0], "eval_max_samples": None,
+               "pbt_intervals": [1, 2]},
+}
+
+
 def first_tasks(manifest: Path, count: int, folder: Path) -> Path:
+    """The stream's first `count` tasks, without its control sets (the objective does not read
+    them, and scoring them after every task would only add time)."""
     from streams.manifest import load_stream
 
     stream = load_stream(manifest)
     data = stream.model_dump(exclude={"root"})
     data["name"] = f"{stream.name}{count}"
     data["tasks"] = data["tasks"][:count]
+    data["control"] = []
     for task in data["tasks"]:
         for split in ("train", "eval"):
             task[split]["shards"] = [str(Path(stream.root) / s) for s in task[split]["shards"]]
@@ -65,10 +93,11 @@ def sweep_mapping(name: str, manifest: Path, folder: Path, args, scheduler: str,
     early_stopping = scheduler == "asha"
     return {
         "name": name,
-        "base": {"stream": str(manifest), "model": {"name": "vlcl-tiny"},
+        "base": {"stream": str(manifest), "model": args.model,
                  "method": {"name": "er", "hparams": {"memory_size": args.memory_size}},
                  "train": {"batch_size": 32, "max_steps_per_task": args.steps, "epochs_per_task": 1000,
                            "warmup_steps": 10, "seed": seed},
+                 "data": {"eval_max_samples": args.eval_max_samples},
                  "tracking": {"uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "sweep-efficiency",
                               "checkpoints": "none"},
                  "output_dir": str(folder / "runs")},
@@ -187,10 +216,17 @@ def print_halving_rules(name: str, rules: list[dict], grid_best: float) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=5, help="first N tasks of the digits stream")
-    parser.add_argument("--steps", type=int, default=450, help="optimizer steps per task")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3])
-    parser.add_argument("--replay-weights", type=float, nargs="+", default=[0.0, 0.1, 0.3, 1.0])
+    parser.add_argument("--bench", choices=sorted(BENCHES), default="mini-mtil",
+                        help="mini-mtil: a pretrained start (made once, ~7 min on 2 cores, then cached); digits: "
+                             "from scratch, no start needed")
+    parser.add_argument("--start", type=Path, default=None,
+                        help="mini-mtil's pretrained start (default <data root>/pretrained/efflite0-minilm-lit.pt, "
+                             "the offline benchmark's; made by `vlcl pretrain` when missing)")
+    parser.add_argument("--tasks", type=int, default=None, help="first N tasks of the stream")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None)
+    parser.add_argument("--replay-weights", type=float, nargs="+", default=None)
+    parser.add_argument("--eval-max-samples", type=int, default=None, help="samples scored per task's eval set")
     parser.add_argument("--memory-size", type=int, default=200)
     parser.add_argument("--noise-seeds", type=int, nargs="*", default=[1],
                         help="grid reruns with these train seeds, for the seed noise (none: skip)")
@@ -201,7 +237,7 @@ def main() -> int:
                         help="tasks before ASHA's first rung (after task 1 the memory is empty: replay_weight "
                              "cannot matter yet)")
     parser.add_argument("--asha-reduction", type=float, default=4.0, help="ASHA keeps the top 1/this at a rung")
-    parser.add_argument("--pbt-intervals", type=int, nargs="+", default=[1, 2],
+    parser.add_argument("--pbt-intervals", type=int, nargs="+", default=None,
                         help="PBT runs, one per perturbation interval (tasks between exploit steps)")
     parser.add_argument("--population", type=int, default=None, help="PBT trials (default: half the grid)")
     parser.add_argument("--out", type=Path, default=None, help="keep sweeps, runs and mlflow.db here")
@@ -209,6 +245,10 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", default=None, metavar="SWEEP",
                         help="run just these sweeps (no comparison printed; for profiling one)")
     args = parser.parse_args()
+    bench = BENCHES[args.bench]
+    for key in ("tasks", "steps", "lrs", "replay_weights", "eval_max_samples", "pbt_intervals"):
+        if getattr(args, key) is None:
+            setattr(args, key, bench[key])
     args.grid_size = len(args.lrs) * len(args.replay_weights)
     args.population = args.population or max(2, args.grid_size // 2)
     # PBT's and ASHA's trials all run at once, so they share the machine's CPUs
@@ -219,7 +259,8 @@ def main() -> int:
     from orchestrator.runtime import ensure_ray
     from orchestrator.sweep import format_leaderboard, run_sweep
     from orchestrator.sweep_config import plan_sweep
-    from streams.builtin import materialize_builtin
+    from offline_benchmark import pretrained_start
+    from streams.builtin import default_data_root, materialize_builtin
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="vlcl-sweep-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,7 +277,11 @@ def main() -> int:
     print(f"Ray's and the libraries' logs: {folder / 'bench.log'}", flush=True)
     with library_logs_to(folder / "bench.log", verbose=False):
         ensure_ray()
-        manifest = first_tasks(materialize_builtin("digits"), args.tasks, folder)
+        manifest = first_tasks(materialize_builtin(bench["stream"]), args.tasks, folder)
+        args.model = {"name": bench["model"]}
+        if args.bench == "mini-mtil":
+            start = args.start or default_data_root() / "pretrained" / "efflite0-minilm-lit.pt"
+            args.model["pretrained"] = str(pretrained_start(start, None, f"sqlite:///{folder / 'mlflow.db'}"))
         for name, scheduler, seed, interval in runs:
             started = time.time()
             mapping = sweep_mapping(f"bench-{name}", manifest, folder, args, scheduler, seed, pbt_interval=interval)
@@ -259,7 +304,7 @@ def main() -> int:
     summary |= {f"{name}_wall_ratio": seconds[name] / seconds["grid"] for name in pbt_names}
     for seed in args.noise_seeds:
         summary[f"noise_seed{seed}"] = seed_noise(results["grid"], results[f"grid-seed{seed}"])
-    print(f"stream: first {args.tasks} digits tasks (task-incremental); ER memory {args.memory_size}; grid "
+    print(f"stream: first {args.tasks} {bench['stream']} tasks (task-incremental), {bench['model']}; ER memory {args.memory_size}; grid "
           f"{len(args.lrs)} lr x {len(args.replay_weights)} replay_weight; {args.steps} steps per task; "
           f"objective seen_avg - forgetting")
     for seed in args.noise_seeds:
