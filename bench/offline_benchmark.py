@@ -44,6 +44,13 @@ METRICS = [("Transfer", "cl/transfer"), ("Avg", "cl/avg"), ("Last", "cl/last"), 
            ("Forgetting", "cl/forgetting"), ("Control", "cl/control"), ("Control retention", "cl/control_retention")]
 
 
+def default_start() -> Path:
+    """Where the LiT-aligned start is cached (this benchmark's and the sweep benchmark's)."""
+    from streams.builtin import default_data_root
+
+    return default_data_root() / "pretrained" / "efflite0-minilm-lit.pt"
+
+
 def pretrained_start(path: Path, steps: int | None, tracking_uri: str) -> Path:
     """The LiT-aligned checkpoint: reuse it when it exists, else run `vlcl pretrain` once."""
     if path.is_file():
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     from orchestrator import tracking
     from orchestrator.config import load_run_config
     from orchestrator.run import find_resumable, run_sequence
-    from streams.builtin import default_data_root, open_stream
+    from streams.builtin import open_stream
 
     methods = args.methods or DEFAULT_METHODS
     unknown = [m for m in methods if m not in METHODS]
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     uri = tracking.resolve_tracking_uri(load_run_config(None, [f"tracking.uri={args.tracking_uri}"]
                                                         if args.tracking_uri else []))
     tracking.check_reachable(uri)
-    checkpoint = pretrained_start(args.checkpoint or default_data_root() / "pretrained" / "efflite0-minilm-lit.pt",
+    checkpoint = pretrained_start(args.checkpoint or default_start(),
                                   args.pretrain_steps, uri)
     experiment_id = tracking.ensure_experiment(uri, args.experiment)
     mlflow_client = tracking.client(uri)

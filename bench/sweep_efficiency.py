@@ -29,7 +29,7 @@ Printed:
 - successive halving replayed on each grid's records: the best any one- or two-rung rule finds at
   <= 0.5 of the grid's trial-tasks, and the cheapest rule within one point of the grid's best.
 
-    .venv/bin/python bench/sweep_efficiency.py                  # mini-mtil; ~NN min on 2 cores
+    .venv/bin/python bench/sweep_efficiency.py                  # mini-mtil; 47 min on 2 cores (+7 the first time)
     .venv/bin/python bench/sweep_efficiency.py --bench digits   # ~25 min on 2 cores
     .venv/bin/python bench/sweep_efficiency.py --tasks 3 --steps 20 --noise-seeds   # quicker look
 """
@@ -61,12 +61,12 @@ BENCHES = {
     # img/s on 2 cores, against 40 for fashion-mnist), so a fourth would double a sequence's time.
     "mini-mtil": {"stream": "mini-mtil", "model": "EffLite0-MiniLM", "tasks": 3, "steps": 40,
                   "lrs": [1e-5, 1e-4], "replay_weights": [0.0, 1.0], "eval_max_samples": 200,
-                  "pbt_intervals": [1]},
+                  "pbt_intervals": [1], "pretrained_start": True},
     # vlcl-tiny from scratch on the digits stream: no start to make, but near chance a task needs
     # 450 steps to learn (see DEMO_DEFAULTS)
     "digits": {"stream": "digits", "model": "vlcl-tiny", "tasks": 5, "steps": 450,
                "lrs": [5e-4, 1e-3], "replay_weights": [0.0, 0.1, 0.3, 1.0], "eval_max_samples": None,
-               "pbt_intervals": [1, 2]},
+               "pbt_intervals": [1, 2], "pretrained_start": False},
 }
 
 
@@ -259,8 +259,8 @@ def main() -> int:
     from orchestrator.runtime import ensure_ray
     from orchestrator.sweep import format_leaderboard, run_sweep
     from orchestrator.sweep_config import plan_sweep
-    from offline_benchmark import pretrained_start
-    from streams.builtin import default_data_root, materialize_builtin
+    from offline_benchmark import default_start, pretrained_start
+    from streams.builtin import materialize_builtin
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="vlcl-sweep-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -279,8 +279,8 @@ def main() -> int:
         ensure_ray()
         manifest = first_tasks(materialize_builtin(bench["stream"]), args.tasks, folder)
         args.model = {"name": bench["model"]}
-        if args.bench == "mini-mtil":
-            start = args.start or default_data_root() / "pretrained" / "efflite0-minilm-lit.pt"
+        if bench["pretrained_start"]:
+            start = args.start or default_start()
             args.model["pretrained"] = str(pretrained_start(start, None, f"sqlite:///{folder / 'mlflow.db'}"))
         for name, scheduler, seed, interval in runs:
             started = time.time()
