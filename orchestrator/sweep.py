@@ -3,7 +3,8 @@
 Every trial runs `run_sequence` (all tasks) inside a Ray Tune function trainable: a one-worker
 trial trains in that process and reports each task, with the sweep's objective, to Tune itself;
 a trial with more workers drives a Ray Train worker group, whose reports reach Tune through a
-Train callback. ASHA compares trials at task boundaries (`time_attr="task"`), and
+Train callback. ASHA (asynchronous) and halving (synchronous: trials wait at each rung for the
+others) compare trials at task boundaries (`time_attr="task"`), and
 stop rules end trials whose forgetting or zero-shot drop passes a bound. MLflow: the sweep is a
 parent run, each trial a child run; the parent ends with the leaderboard, the best config and a
 plot of the objective per task for every trial.
@@ -125,6 +126,10 @@ def _start_parent_run(plan: SweepPlan, sweep_id: str, stream, uri: str):
         "sweep.space": json.dumps({k: (v.model_dump(exclude_none=True) if isinstance(v, ParamSpec) else v)
                                    for k, v in plan.space.items()}, default=str),
     }
+    if plan.config.scheduler.type in ("asha", "halving"):
+        scheduler = plan.config.scheduler
+        params |= {f"sweep.{scheduler.type}.grace_period": str(scheduler.grace_period),
+                   f"sweep.{scheduler.type}.reduction_factor": str(scheduler.reduction_factor)}
     if plan.config.scheduler.type == "pbt":
         scheduler = plan.config.scheduler
         params |= {"sweep.pbt.perturbation_interval": str(scheduler.perturbation_interval),
@@ -203,10 +208,11 @@ def _run_sweep(plan: SweepPlan, sweep_id: str, state_dir: Path, *, resume: bool,
     trainable = tune.with_resources(trainable, trial_reservation(per_trial, launch, plan.config.resources.trial_cpus))
     max_concurrent = plan.config.resources.max_concurrent_trials or derive_max_concurrent_trials(
         per_trial, ray.cluster_resources())
-    if plan.config.scheduler.type == "pbt" and max_concurrent < population_size(plan):
+    if plan.config.scheduler.type in ("pbt", "halving") and max_concurrent < population_size(plan):
         # Tune adds trials as resources free up: a population that runs in turns is never compared.
         raise SweepError(
-            f"{plan.source}: scheduler pbt runs its population of {population_size(plan)} trials at once, and "
+            f"{plan.source}: scheduler {plan.config.scheduler.type} runs its population of {population_size(plan)} "
+            f"trials at once, and "
             f"{'max_concurrent_trials' if plan.config.resources.max_concurrent_trials else 'the cluster'} allows "
             f"{max_concurrent} (each trial holds {per_trial}; cluster {dict(ray.cluster_resources())}). "
             f"Lower resources.cpus_per_worker or search.num_samples, or add nodes")
@@ -263,7 +269,7 @@ def _outcome(result, plan: SweepPlan, num_tasks: int, trial_states: dict[str, tu
     elif any(rule.violated(last) for rule in plan.config.stop):
         status = "stopped (rule)"
     else:
-        status = "stopped (asha)"
+        status = f"stopped ({plan.config.scheduler.type})"
     params = {k: v for k, v in (result.config or {}).items()}
     progress = {}
     if result.checkpoint is not None:

@@ -92,12 +92,15 @@ class ObjectiveSettings(_Section):
 
 
 class SchedulerSettings(_Section):
-    type: Literal["asha", "pbt", "none"] = Field(
-        "asha", description="asha: successive halving at task boundaries; pbt: population-based training, where at "
-                            "a task boundary a weak trial continues from a strong trial's whole state with "
-                            "perturbed hyperparameters")
-    grace_period: int = Field(1, ge=1, description="asha: tasks every trial trains before ASHA may stop it")
-    reduction_factor: float = Field(2.0, gt=1, description="asha: keeps the top 1/reduction_factor at each rung")
+    type: Literal["asha", "halving", "pbt", "none"] = Field(
+        "asha", description="asha: asynchronous successive halving at task boundaries (Ray's ASHA: a trial that "
+                            "reaches a rung first always goes on); halving: synchronous successive halving, where "
+                            "at each rung every trial waits for the others (all run at once) and only the top "
+                            "1/reduction_factor go on; pbt: population-based training, where at a task boundary a "
+                            "weak trial continues from a strong trial's whole state with perturbed hyperparameters")
+    grace_period: int = Field(1, ge=1, description="asha, halving: tasks every trial trains before the first rung")
+    reduction_factor: float = Field(2.0, gt=1, description="asha, halving: keep the top 1/reduction_factor at a rung; "
+                                                           "rungs after grace_period * reduction_factor**k tasks")
     perturbation_interval: int = Field(1, ge=1, description="pbt: tasks between exploit/explore steps")
     quantile_fraction: float = Field(
         0.25, gt=0, le=0.5, description="pbt: the bottom fraction copies a trial of the top fraction")
@@ -253,12 +256,14 @@ def resolve_space(config: SweepConfig, base: RunConfig, source: str = "sweep con
         for dotted, spec in resolved.items():
             if isinstance(spec, ParamSpec) and spec.type != "choice":
                 problems.append(f"  space {dotted}: grid search needs `type: choice` with `values`, not {spec.type}")
-    if config.scheduler.type == "pbt":
+    if config.scheduler.type in ("pbt", "halving"):
         cap, population = config.resources.max_concurrent_trials, trial_count(config, resolved)
         if cap is not None and cap < population:
-            problems.append(f"  resources.max_concurrent_trials: pbt compares the whole population at every task "
-                            f"boundary, so all {population} trials run at once; set it to at least "
+            problems.append(f"  resources.max_concurrent_trials: {config.scheduler.type} compares the whole "
+                            f"population at every {'task boundary' if config.scheduler.type == 'pbt' else 'rung'}, "
+                            f"so all {population} trials run at once; set it to at least "
                             f"that (search.num_samples, times the grid's size for grid search) or leave it unset")
+    if config.scheduler.type == "pbt":
         if config.search.algorithm not in ("random", "grid"):
             problems.append(f"  search.algorithm: pbt explores by itself; use random or grid for its starting "
                             f"population, not {config.search.algorithm}")

@@ -51,7 +51,7 @@ class TrialOutcome:
     params: dict[str, Any]
     objective_per_task: list[float]
     tasks_trained: int
-    status: str  # completed / stopped (rule) / stopped (asha) / error
+    status: str  # completed / stopped (rule) / stopped (asha or halving: the scheduler) / error
     last_metrics: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
     task_settings: list[dict] = field(default_factory=list)  # what each task trained with, inherited ones included

@@ -187,6 +187,12 @@ class Population:
     def _schedule_trial_train(self, trial):
         self.calls.append(("train", trial.trial_id))
 
+    def stop_trial(self, trial):
+        from ray.tune.experiment import Trial
+
+        self.calls.append(("stop", trial.trial_id))
+        trial.set_status(Trial.TERMINATED)
+
 
 def report_task(scheduler, population, trial, task: int, objective: float) -> str:
     """The trial reports the task with its checkpoint; Tune acts on PBT's decision as its
@@ -304,6 +310,104 @@ def test_pbt_resumes_the_whole_population_after_a_boundary_not_one_trial_at_a_ti
         chosen.set_status(Trial.PENDING)
         staged.append(chosen)
     assert sorted(trial.trial_id for trial in staged) == ["a", "b", "c", "d"]
+
+
+def test_halving_rungs_are_grace_times_powers_of_the_reduction_factor_before_the_last_task():
+    from orchestrator.sweep_tune import halving_rungs
+
+    assert halving_rungs(1, 2, 4) == [1, 2]
+    assert halving_rungs(1, 2, 8) == [1, 2, 4]
+    assert halving_rungs(2, 4, 3) == [2]
+    assert halving_rungs(1, 1.5, 4) == [1, 2, 3]  # 1, 1.5 -> 2, 2.25 -> 3 whole tasks
+    assert halving_rungs(3, 2, 3) == []
+
+
+def halving_population(trial_ids: str, reduction_factor: float, num_tasks: int = 4):
+    from ray.tune.experiment import Trial
+
+    from orchestrator.sweep_tune import synchronous_halving
+
+    scheduler = synchronous_halving(metric=OBJECTIVE_KEY, time_attr="task", num_tasks=num_tasks, grace_period=1,
+                                    reduction_factor=reduction_factor)
+    population = Population([Trial("run_trial", config={}, trial_id=name, stub=True) for name in trial_ids])
+    for trial in population.trials:
+        scheduler.on_trial_add(population, trial)
+        trial.set_status(Trial.RUNNING)
+    return scheduler, population
+
+
+def report_rung(scheduler, population, trial, task: int, objective: float) -> str:
+    """As Tune's controller: the scheduler decides on the result, then the trial's last result is
+    updated; STOP ends the trial, CONTINUE schedules its next step, NOOP leaves it waiting."""
+    from ray.tune.schedulers import TrialScheduler
+
+    result = {"task": task, OBJECTIVE_KEY: objective}
+    decision = scheduler.on_trial_result(population, trial, result)
+    trial.update_last_result(result)
+    if decision == TrialScheduler.STOP:
+        population.stop_trial(trial)
+    elif decision == TrialScheduler.CONTINUE:
+        population._schedule_trial_train(trial)
+    return decision
+
+
+@pytest.mark.parametrize("arrivals", ["abcd", "dcba", "cadb"])
+def test_halving_holds_every_trial_at_a_rung_until_the_last_arrives_then_keeps_the_top_half(arrivals):
+    """Ray's ASHA lets a trial that reaches a rung before its peers go on: with `dcba`, worst
+    first, each arrival beats the median of those before it, and ASHA keeps all four. The synchronous cut keeps the same two, a and b, whatever
+    the order, and each trial gets exactly one decision."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler, population = halving_population("abcd", reduction_factor=2)
+    trials = {trial.trial_id: trial for trial in population.trials}
+    objectives = {"a": 0.9, "b": 0.5, "c": 0.4, "d": 0.1}
+    for name in arrivals[:-1]:
+        assert report_rung(scheduler, population, trials[name], 1, objectives[name]) == TrialScheduler.NOOP
+    assert population.calls == [], "a trial waits at the rung for the rest"
+    last = arrivals[-1]
+    decision = report_rung(scheduler, population, trials[last], 1, objectives[last])
+    assert decision == (TrialScheduler.CONTINUE if last in "ab" else TrialScheduler.STOP)
+    assert sorted(population.calls) == [("stop", "c"), ("stop", "d"), ("train", "a"), ("train", "b")]
+    assert [trials[n].status for n in "abcd"] == [Trial.RUNNING, Trial.RUNNING, Trial.TERMINATED, Trial.TERMINATED]
+
+    # rung 2 compares the two left: b wins there, a is stopped
+    population.calls.clear()
+    assert report_rung(scheduler, population, trials["a"], 2, 0.3) == TrialScheduler.NOOP
+    assert report_rung(scheduler, population, trials["b"], 2, 0.6) == TrialScheduler.CONTINUE
+    assert sorted(population.calls) == [("stop", "a"), ("train", "b")]
+    # no rung at task 3 (of 4): b goes on
+    assert report_rung(scheduler, population, trials["b"], 3, 0.1) == TrialScheduler.CONTINUE
+
+
+def test_halving_keeps_every_trial_tied_with_the_last_one_kept():
+    """After the first task a replay weight cannot matter yet (the memory is empty), so trials
+    that differ only in it score the same: a cut must not pick one of them by arrival order."""
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler, population = halving_population("abcd", reduction_factor=4)  # keeps floor(4 / 4) = 1
+    trials = {trial.trial_id: trial for trial in population.trials}
+    for name, objective in (("a", 0.7), ("b", 0.7), ("c", 0.2), ("d", 0.2)):
+        report_rung(scheduler, population, trials[name], 1, objective)
+    assert sorted(population.calls) == [("stop", "c"), ("stop", "d"), ("train", "a"), ("train", "b")]
+    assert scheduler.on_trial_result(population, trials["a"], {"task": 2, OBJECTIVE_KEY: 0.1}) == TrialScheduler.CONTINUE
+
+
+def test_halving_cuts_the_waiting_trials_when_the_one_they_waited_for_ends_before_the_rung():
+    """c is stopped by a stop rule (or errors) during task 1: nobody else will report at the rung,
+    so the cut happens when Tune next asks the scheduler for a trial to run."""
+    from ray.tune.experiment import Trial
+
+    scheduler, population = halving_population("abc", reduction_factor=2)
+    a, b, c = population.trials
+    report_rung(scheduler, population, a, 1, 0.2)
+    report_rung(scheduler, population, b, 1, 0.8)
+    assert population.calls == []
+    c.set_status(Trial.ERROR)
+    scheduler.choose_trial_to_run(population)
+    assert sorted(population.calls) == [("stop", "a"), ("train", "b")]
+    scheduler.choose_trial_to_run(population)
+    assert population.calls.count(("train", "b")) == 1, "the rung is cut once"
 
 
 def test_a_pbt_schedule_becomes_per_task_settings_of_one_run_config():

@@ -1,6 +1,7 @@
 """Population-based training over task boundaries, on Ray: the exploit copies a stronger trial's whole
 state (model, teacher, exemplar memory, matrix so far), and the winner's per-task schedule replays
-as one `vlcl run` config with the same matrix."""
+as one `vlcl run` config with the same matrix. Synchronous halving, which holds trials at a rung as
+PBT holds them at a boundary, stops the weaker there.""" 
 import hashlib
 import json
 import os
@@ -184,3 +185,31 @@ def test_a_trial_that_errors_leaves_the_rest_of_the_population_to_finish(digits_
     # Paused at the boundary after task 2, it trained task 3 once: training waits for Tune's
     # decision after every task (trainer.wait_for_tune), so no task is trained and then thrown away.
     assert sorted(m.step for m in client.get_metric_history(survivor["run_id"], "cl/seen_avg")) == [1, 2, 3]
+
+
+def test_halving_stops_the_weaker_trial_at_the_rung_and_the_stronger_trains_on_in_the_same_process(
+        ray_session, digits_manifest, tmp_path):
+    """Two trials over three digit tasks, halving at task 1 (reduction factor 2): the first to
+    finish task 1 waits, held in its process, for the other; then the one with the lower task-1
+    objective is stopped there and the other trains tasks 2 and 3 without a restart."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import plan_sweep
+
+    sweep = two_lr_sweep("halving", three_task_digits(digits_manifest, tmp_path), tmp_path,
+                         train={"batch_size": 32, "max_steps_per_task": 6, "epochs_per_task": 10, "log_every_steps": 3},
+                         scheduler={"type": "halving", "grace_period": 1, "reduction_factor": 2}, concurrent=2)
+    result = run_sweep(plan_sweep(sweep, source="halving test"), quiet=True)
+    by_status = {trial.status: trial for trial in result.trials}
+    assert sorted(by_status) == ["completed", "stopped (halving)"], [(t.status, t.tasks_trained) for t in result.trials]
+    kept, cut = by_status["completed"], by_status["stopped (halving)"]
+    assert cut.tasks_trained == 1 and kept.tasks_trained == 3
+    assert kept.objective_per_task[0] >= cut.objective_per_task[0]
+    client = MlflowClient(sweep["base"]["tracking"]["uri"])
+    assert sorted(m.step for m in client.get_metric_history(kept.run_id, "cl/seen_avg")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(cut.run_id, "cl/seen_avg")) == [1]
+    # one task sequence started per trial: nobody was paused and restarted from a checkpoint
+    states = [path.name for path in (tmp_path / "runs" / "runs").glob("*.json")]
+    assert sum(kept.trial_id in name for name in states) == 1
+    assert client.get_run(kept.run_id).info.status == "FINISHED"
